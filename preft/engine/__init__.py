@@ -1,0 +1,1 @@
+"""The multi-adapter serving engine."""
