@@ -64,3 +64,35 @@ def build_tiny_checkpoint(path: str | Path, family: str = "llama", seed: int = 0
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def random_adapter(model_config, config, seed: int = 0, std: float = 0.1):
+    """An ``Adapter`` with random, clearly non-trivial weights that fit ``model_config``.
+
+    For tests and benchmarks: LoRA gets a non-zero B (a fresh LoRA would be the identity);
+    LoReFT's R gets orthonormal rows.
+    """
+    from preft.adapters import Adapter, LoraConfig, fingerprint, linear_shapes, lora_key, reft_key
+
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=gen) * std  # noqa: E731
+    n_layers, hidden, r = model_config.num_hidden_layers, model_config.hidden_size, config.r
+    layers = config.layers if config.layers is not None else range(n_layers)
+    tensors = {}
+    if isinstance(config, LoraConfig):
+        shapes = linear_shapes(model_config)
+        for layer in layers:
+            for module in config.modules():
+                fan_in, fan_out = shapes[module]
+                tensors[lora_key(layer, module, "A")] = randn(r, fan_in)
+                tensors[lora_key(layer, module, "B")] = randn(fan_out, r)
+    else:
+        for layer in layers:
+            tensors[reft_key(layer, "source.weight")] = randn(r, hidden)
+            tensors[reft_key(layer, "source.bias")] = randn(r)
+            if config.kind == "loreft":
+                q, _ = torch.linalg.qr(torch.randn(hidden, r, generator=gen))
+                tensors[reft_key(layer, "rotate")] = q.t().contiguous()
+            else:
+                tensors[reft_key(layer, "proj")] = randn(r, hidden)
+    return Adapter(config, tensors, fingerprint(model_config))
