@@ -1,0 +1,113 @@
+"""Supervised fine-tuning of one adapter with the serving semantics.
+
+Each row is one teacher-forced forward over ``[prompt ; completion]`` with the serving
+``adapter_mask`` (``prefill``: 1 on prompt tokens, 0 on completion tokens; ``all``: 1 on every
+token). The loss is the cross-entropy of the completion tokens only, averaged over all completion
+tokens of the optimizer step (every micro-batch of a gradient-accumulation window is divided by
+the window's token count, so accumulation equals one big batch).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from preft.hf import PreftModel
+from preft.train.config import SFTConfig
+from preft.train.data import Batch, Example, collate, load_examples
+from preft.train.trainer import AdapterTrainer, TrainResult, ordered_batches, token_logprobs
+
+
+def masked_nll_sum(model: PreftModel, batch: Batch, adapter_name: str) -> tuple[torch.Tensor, int]:
+    """Sum of ``-log p(completion token)`` over the batch, and the number of completion tokens."""
+    logp = token_logprobs(model, batch, adapter_name)
+    return -(logp * batch.completion_mask).sum(), int(batch.completion_mask.sum())
+
+
+class SFTTrainer(AdapterTrainer):
+    """``SFTTrainer(model_dir, config, train_dataset=path).train()``."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: SFTConfig,
+        train_dataset: str | Path,
+        eval_dataset: str | Path | None = None,
+        model: PreftModel | None = None,
+        tokenizer: Any = None,
+    ):
+        super().__init__(model_dir, config, model, tokenizer)
+        self.config: SFTConfig = config
+        examples, report = load_examples(train_dataset, self.tokenizer, config.max_length, skip_bad_rows=config.skip_bad_rows)
+        self.load_report = report
+        self.eval_examples: list[Example] = []
+        eval_path = eval_dataset or config.eval_dataset
+        if eval_path:
+            self.eval_examples, _ = load_examples(eval_path, self.tokenizer, config.max_length, skip_bad_rows=config.skip_bad_rows)
+        elif config.eval_split > 0:
+            order = list(range(len(examples)))
+            random.Random(config.seed).shuffle(order)
+            n_eval = max(1, int(round(config.eval_split * len(examples))))
+            held = set(order[:n_eval])
+            self.eval_examples = [e for i, e in enumerate(examples) if i in held]
+            examples = [e for i, e in enumerate(examples) if i not in held]
+        self.examples = examples
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        print(f"preft train sft: {train_dataset}: {report.summary()}; {len(self.eval_examples)} eval rows")
+
+    def total_steps(self) -> int:
+        cfg = self.config
+        if cfg.max_steps > 0:
+            return cfg.max_steps
+        per_epoch = math.ceil(len(self.examples) / cfg.per_device_train_batch_size)
+        return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+
+    def batch(self, examples: list[Example]) -> Batch:
+        return collate([(e.prompt_ids, e.completion_ids) for e in examples], self.config.policy, self.pad_id).to(self.device)
+
+    def training_step(self) -> dict:
+        cfg = self.config
+        accum = cfg.gradient_accumulation_steps
+        micro = []
+        for j in range(accum):
+            rows = ordered_batches(len(self.examples), cfg.per_device_train_batch_size, cfg.seed, self.step * accum + j)
+            micro.append(self.batch([self.examples[i] for i in rows]))
+        n_tokens = sum(int(b.completion_mask.sum()) for b in micro)
+        loss_sum = 0.0
+        for b in micro:
+            nll, _ = masked_nll_sum(self.model, b, self.name)
+            (nll / n_tokens).backward()
+            loss_sum += float(nll.detach())
+        grad_norm = self.optimizer_step()
+        return {"loss": loss_sum / n_tokens, "grad_norm": grad_norm, "tokens": n_tokens}
+
+    def eval_due(self) -> bool:
+        return bool(self.eval_examples) and self.config.eval_steps > 0 and self.step % self.config.eval_steps == 0
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean completion-token cross-entropy over the eval rows (empty when there are none)."""
+        if not self.eval_examples:
+            return {}
+        total, n = 0.0, 0
+        bs = self.config.per_device_eval_batch_size
+        for i in range(0, len(self.eval_examples), bs):
+            nll, count = masked_nll_sum(self.model, self.batch(self.eval_examples[i : i + bs]), self.name)
+            total, n = total + float(nll), n + count
+        return {"eval_loss": total / n}
+
+
+def sft(model_dir: str | Path, dataset: str | Path, config: SFTConfig | None = None, **overrides: Any) -> TrainResult:
+    """Train an adapter with SFT and return where it was saved (``result.adapter_path``) and its metrics.
+
+    ``sft("models/qwen", "data.jsonl", SFTConfig(adapter="direft", r=8, max_steps=200))`` or
+    ``sft(model, data, output_dir="out", policy="all")``: keyword overrides build or replace config fields.
+    """
+    import dataclasses
+
+    config = dataclasses.replace(config, **overrides) if config else SFTConfig(**overrides)
+    return SFTTrainer(model_dir, config, dataset).train()

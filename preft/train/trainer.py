@@ -1,0 +1,251 @@
+"""What SFT and GRPO share: the model with one trainable adapter, the masked log-probs, the
+optimiser and schedule, resumable checkpoints, metrics and the progress bar.
+
+Why a small explicit loop rather than ``transformers.Trainer`` or TRL: the one thing that must be
+right is the per-token ``adapter_mask`` (prompt adapted, completion not), and GRPO's rollouts must
+come from the reference generator with the serving semantics. Both are a few lines here and
+would be overrides of private hooks there. The loop is single-process; see docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from preft.errors import PreftError
+from preft.hf import PreftModel
+from preft.train.config import TrainConfig
+from preft.train.data import Batch
+from preft.train.metrics import MetricsLog
+
+STATE_NAME = "trainer_state.pt"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    adapter_path: Path  # the final adapter, PEFT/preft layout, directly servable
+    output_dir: Path
+    steps: int
+    metrics: list[dict] = field(default_factory=list)  # the rows of metrics.jsonl
+    plot_path: Path | None = None
+
+    def last(self, key: str) -> float | None:
+        values = [r[key] for r in self.metrics if key in r]
+        return values[-1] if values else None
+
+
+def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | None, temperature: float = 1.0) -> Tensor:
+    """``[B, T]`` log-probability of each token given the tokens before it, 0 at position 0.
+
+    One teacher-forced forward with ``batch.adapter_mask`` (the serving mask), so the log-prob of
+    completion token ``t`` is exactly what incremental generation computes for it. ``adapter_name``
+    None runs the base model (the KL reference).
+    """
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask, adapter_mask=batch.adapter_mask, adapter_names=adapter_name).logits
+    logits = logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = batch.input_ids[:, 1:]
+    picked = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.cat([picked.new_zeros(picked.shape[0], 1), picked], dim=1)
+
+
+def load_model(model_dir: str | Path, config: TrainConfig) -> tuple[PreftModel, Any, torch.device]:
+    """The base model (frozen) wrapped in a ``PreftModel``, its tokenizer, and the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if not Path(model_dir).is_dir():
+        raise PreftError(f"model directory {str(model_dir)!r} does not exist (expected a local Hugging Face model directory)")
+    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PreftModel(hf_model.to(device))
+    model.eval()  # base dropout off; adapter dropout is switched on in train() below
+    return model, tokenizer, device
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
+    def scale(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return scale
+
+
+class AdapterTrainer:
+    """Base trainer: subclasses define ``total_steps`` and ``training_step`` (one optimizer step)."""
+
+    plot_panels: dict[str, list[str]] = {"loss": ["loss", "eval_loss"]}
+    plot_name = "loss.png"
+    updates_per_step = 1  # optimizer updates per training step (GRPO's num_iterations)
+
+    def __init__(self, model_dir: str | Path, config: TrainConfig, model: PreftModel | None = None, tokenizer: Any = None):
+        self.config = config
+        self.model_dir = str(model_dir)
+        if model is None:
+            model, tokenizer, self.device = load_model(model_dir, config)
+        else:
+            self.device = next(model.parameters()).device
+        self.model, self.tokenizer = model, tokenizer
+        self.name = config.adapter_name
+        torch.manual_seed(config.seed)  # the adapter's init is part of the seeded run
+        model.add_adapter(self.name, config.adapter_config())
+        self.params = model.adapter_parameters(self.name)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.output_dir = Path(config.output_dir)
+        self.metrics = MetricsLog(self.output_dir)
+        self.step = 0
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    # ---- subclass interface ------------------------------------------------------------------
+
+    def total_steps(self) -> int:
+        raise NotImplementedError
+
+    def training_step(self) -> dict:
+        """Run one optimizer step (all micro-batches) and return its metrics."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def eval_due(self) -> bool:
+        return False
+
+    # ---- shared loop ---------------------------------------------------------------------------
+
+    def set_train(self, training: bool) -> None:
+        """Only the adapter's dropout follows train/eval; the frozen base stays in eval mode."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Dropout) and (".adapters." in name or name.startswith("reft.")):
+                module.train(training)
+
+    def optimizer_step(self) -> float:
+        grad_norm = float("nan")
+        if self.config.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def train(self) -> TrainResult:
+        """Run to ``total_steps``, resuming if asked; save checkpoints and the final adapter."""
+        cfg = self.config
+        total = self.total_steps()
+        updates = total * self.updates_per_step
+        warmup = int(cfg.warmup_ratio * updates)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(updates, warmup, cfg.lr_scheduler_type))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume_from_checkpoint:
+            self.load_checkpoint(self.resolve_checkpoint(cfg.resume_from_checkpoint))
+        self.metrics.resume(self.step)
+        (self.output_dir / "train_config.json").write_text(json.dumps({"model_dir": self.model_dir, **asdict(cfg)}, indent=2) + "\n")
+        bar = tqdm(total=total, initial=self.step, disable=cfg.disable_tqdm, desc=f"{type(self).__name__} {cfg.adapter}-{cfg.policy}")
+        while self.step < total:
+            self.set_train(True)
+            logs = self.training_step()
+            self.step += 1
+            logs["lr"] = self.scheduler.get_last_lr()[0]
+            if self.eval_due() or self.step == total:
+                self.set_train(False)
+                logs.update(self.evaluate())
+            if self.step % cfg.logging_steps == 0 or self.step == total or any(k.startswith("eval") for k in logs):
+                self.metrics.log(self.step, logs)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "eval_loss", "reward")})
+            if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == total:
+                self.save_checkpoint()
+        bar.close()
+        self.set_train(False)
+        adapter_path = self.output_dir / "adapter"
+        self.model.save_adapter(self.name, str(adapter_path))
+        plot = self.metrics.plot(self.plot_panels, self.plot_name, title=f"{cfg.adapter} r={cfg.r} policy={cfg.policy}")
+        return TrainResult(adapter_path, self.output_dir, self.step, list(self.metrics.rows), plot)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        """``checkpoint-<step>/``: the servable adapter plus everything needed to continue exactly."""
+        path = self.output_dir / f"checkpoint-{self.step}"
+        self.model.save_adapter(self.name, str(path / "adapter"))
+        state = {
+            "step": self.step,
+            "params": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "python": random.getstate(),
+            },
+        }
+        torch.save(state, path / STATE_NAME)
+        if self.config.save_total_limit:
+            for old in sorted(self.checkpoints())[: -self.config.save_total_limit]:
+                shutil.rmtree(old[1])
+        return path
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        found = []
+        for p in self.output_dir.glob("checkpoint-*"):
+            if (p / STATE_NAME).is_file() and p.name.split("-")[-1].isdigit():
+                found.append((int(p.name.split("-")[-1]), p))
+        return sorted(found)
+
+    def resolve_checkpoint(self, where: str) -> Path:
+        if where == "latest":
+            found = self.checkpoints()
+            if not found:
+                raise PreftError(f"--resume_from_checkpoint latest: no checkpoint-*/ with {STATE_NAME} in {str(self.output_dir)!r}")
+            return found[-1][1]
+        path = Path(where)
+        if not (path / STATE_NAME).is_file():
+            raise PreftError(f"--resume_from_checkpoint {where!r} has no {STATE_NAME} (expected a checkpoint-<step> directory or 'latest')")
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        params = dict(self.model.named_parameters())
+        missing = set(state["params"]) ^ {n for n, p in params.items() if p.requires_grad}
+        if missing:
+            raise PreftError(f"checkpoint {str(path)!r} does not fit this adapter config (parameters differ: {sorted(missing)[:4]})")
+        with torch.no_grad():
+            for name, value in state["params"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        random.setstate(state["rng"]["python"])
+        self.step = int(state["step"])
+
+
+def ordered_batches(n_rows: int, batch_size: int, seed: int, index: int) -> list[int]:
+    """Rows of micro-batch ``index`` in a seeded per-epoch shuffle: a pure function, so resume needs no data state."""
+    per_epoch = math.ceil(n_rows / batch_size)
+    epoch, k = divmod(index, per_epoch)
+    order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+    return order[k * batch_size : (k + 1) * batch_size]
