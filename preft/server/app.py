@@ -1,0 +1,505 @@
+"""The FastAPI application: OpenAI-compatible routes on top of an ``EngineLoop``.
+
+One request, end to end: the handler validates the body (``protocol``), turns ``model`` into an
+adapter name (or ``None`` for the base model), tokenizes chat messages with the tokenizer's chat
+template, submits one engine request per prompt, and reads ``RequestUpdate``s from its asyncio
+queue, either streaming them as server-sent events or collecting them into one response. A client
+that goes away aborts its engine requests, which frees their KV blocks and adapter slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from preft.errors import PreftError
+from preft.server.engine_loop import EngineLoop, RequestFailed, RequestUpdate
+from preft.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadAdapterRequest,
+    ModelNotFound,
+    UnloadAdapterRequest,
+    error_body,
+    sampling_params,
+)
+
+logger = logging.getLogger("preft.server")
+
+
+@dataclass
+class ServerState:
+    """What the routes need: the engine loop and facts about the served model."""
+
+    engine_loop: EngineLoop
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    model_dir: str | None = None
+    api_key: str | None = None
+    adapter_root: Path | None = None
+    created: int = 0
+
+    def adapter_for(self, model: str) -> str | None:
+        """``None`` for the base model, else the adapter name (checked again on the engine thread)."""
+        if model == self.model_name or (self.model_dir is not None and model == self.model_dir):
+            return None
+        if model not in self.engine_loop.adapters():
+            raise ModelNotFound(
+                f"the model {model!r} does not exist; choose the base model {self.model_name!r} or a loaded adapter (GET /v1/models)"
+            )
+        return model
+
+    def resolve_adapter_path(self, path: str) -> str:
+        """The real path of an adapter to load; 403 unless it lies inside ``--adapter-root``."""
+        if self.adapter_root is None:
+            raise APIError(
+                403,
+                "loading adapters at runtime is disabled; start the server with --adapter-root DIR",
+                param="lora_path",
+                code="forbidden",
+            )
+        root = self.adapter_root.resolve()
+        candidate = Path(path).expanduser()
+        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not resolved.is_relative_to(root):
+            raise APIError(
+                403, f"adapter path {path!r} is outside the allowed --adapter-root {str(root)!r}", param="lora_path", code="forbidden"
+            )
+        return str(resolved)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
+
+
+class Choices:
+    """Text and token bookkeeping for every choice of one HTTP request (prompts x n)."""
+
+    def __init__(self, request_ids: list[str], n: int):
+        self.request_ids, self.n = request_ids, n
+        self.position = {rid: i for i, rid in enumerate(request_ids)}
+        self.latest: dict[str, RequestUpdate] = {}
+        self.sent_text: dict[int, int] = {}  # choice index -> characters already streamed
+        self.sent_tokens: dict[int, int] = {}
+
+    def choice_index(self, update: RequestUpdate, completion_index: int) -> int:
+        return self.position[update.request_id] * self.n + completion_index
+
+    def finished(self) -> bool:
+        return len(self.request_ids) == sum(u.finished for u in self.latest.values())
+
+    def unfinished(self) -> list[str]:
+        return [rid for rid in self.request_ids if rid not in self.latest or not self.latest[rid].finished]
+
+    def usage(self) -> dict:
+        prompt = sum(len(u.prompt_token_ids) for u in self.latest.values())
+        completion = sum(len(c.token_ids) for u in self.latest.values() for c in u.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else "length" if reason == "length" else "stop"
+
+
+class Routes:
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.loop = state.engine_loop
+        self.tokenizer = state.tokenizer
+
+    # ---- shared request machinery ------------------------------------------------------------
+
+    async def submit_all(
+        self, prefix: str, prompts: list[str | list[int]], params: Any, adapter: str | None
+    ) -> tuple[list[str], asyncio.Queue]:
+        sink: asyncio.Queue = asyncio.Queue()
+        request_ids = [f"{prefix}-{i}" for i in range(len(prompts))]
+        try:
+            for request_id, prompt in zip(request_ids, prompts):
+                await self.loop.submit(request_id, prompt, params, adapter, sink)
+        except BaseException:
+            for request_id in request_ids:
+                self.loop.abort(request_id)
+            raise
+        return request_ids, sink
+
+    async def collect(self, request: Request, sink: asyncio.Queue, choices: Choices) -> None:
+        """Wait until every request finished; abort them all if the client disconnects first."""
+        disconnect = asyncio.create_task(_wait_for_disconnect(request))
+        try:
+            while not choices.finished():
+                get = asyncio.create_task(sink.get())
+                done, _ = await asyncio.wait({get, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    raise ClientGone()
+                item = get.result()
+                if isinstance(item, RequestFailed):
+                    raise item.error
+                choices.latest[item.request_id] = item
+        finally:
+            disconnect.cancel()
+            for request_id in choices.unfinished():
+                self.loop.abort(request_id)
+
+    async def stream(
+        self, sink: asyncio.Queue, choices: Choices, chunks: Any, include_usage: bool, chunk_header: dict
+    ) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per choice per step, then usage (if asked), then ``[DONE]``.
+
+        If the client disconnects, Starlette cancels this generator and ``finally`` aborts the requests.
+        """
+        try:
+            while not choices.finished():
+                item = await sink.get()
+                if isinstance(item, RequestFailed):
+                    yield sse(item.error.body())
+                    break
+                choices.latest[item.request_id] = item
+                for completion in item.outputs:
+                    index = choices.choice_index(item, completion.index)
+                    for chunk in chunks(index, completion, choices):
+                        yield sse({**chunk_header, **chunk})
+            if include_usage:
+                yield sse({**chunk_header, "choices": [], "usage": choices.usage()})
+            yield sse("[DONE]")
+        finally:
+            for request_id in choices.unfinished():
+                self.loop.abort(request_id)
+
+    def new_text(self, index: int, completion: Any, choices: Choices) -> tuple[str, tuple[int, ...], Any]:
+        """Text and tokens of a choice not streamed yet (a trailing partial UTF-8 character waits)."""
+        text = completion.text if completion.finish_reason else completion.text.rstrip("\ufffd")
+        start, start_tok = choices.sent_text.get(index, 0), choices.sent_tokens.get(index, 0)
+        choices.sent_text[index] = max(start, len(text))
+        choices.sent_tokens[index] = len(completion.token_ids)
+        logprobs = completion.logprobs[start_tok:] if completion.logprobs is not None else None
+        return text[start:], completion.token_ids[start_tok:], logprobs
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def check_length(self, prompt_len: int, max_tokens: int | None, field: str) -> int:
+        limit = self.state.max_model_len
+        if prompt_len >= limit:
+            raise APIError(
+                400,
+                f"the prompt has {prompt_len} tokens, but this model's context holds {limit}; shorten the prompt",
+                param=field,
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return limit - prompt_len
+        if prompt_len + max_tokens > limit:
+            raise APIError(
+                400,
+                f"this model's context holds {limit} tokens, but {prompt_len} prompt tokens + max_tokens {max_tokens} exceed it; lower max_tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    # ---- /v1/completions ---------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        adapter = self.state.adapter_for(body.model)
+        prompts = body.prompts()
+        max_tokens = []
+        for prompt in prompts:
+            n_tokens = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
+            max_tokens.append(self.check_length(n_tokens, body.max_tokens, "prompt"))
+        params = sampling_params(body, min(max_tokens), body.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_ids, sink = await self.submit_all(request_id, prompts, params, adapter)
+        choices = Choices(request_ids, body.n)
+        header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
+
+        if body.stream:
+
+            def chunks(index: int, completion: Any, choices: Choices) -> list[dict]:
+                text, tokens, logprobs = self.new_text(index, completion, choices)
+                if not text and not tokens and completion.finish_reason is None:
+                    return []
+                lp = self.completion_logprobs(tokens, logprobs) if logprobs is not None else None
+                return [
+                    {"choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}]}
+                ]
+
+            return StreamingResponse(self.stream(sink, choices, chunks, body.include_usage(), header), media_type="text/event-stream")
+
+        await self.collect(request, sink, choices)
+        out = []
+        for update in (choices.latest[rid] for rid in request_ids):
+            for c in update.outputs:
+                lp = self.completion_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else None
+                out.append(
+                    {
+                        "index": choices.choice_index(update, c.index),
+                        "text": c.text,
+                        "logprobs": lp,
+                        "finish_reason": _finish_reason(c.finish_reason),
+                    }
+                )
+        return {**header, "choices": sorted(out, key=lambda c: c["index"]), "usage": choices.usage()}
+
+    def completion_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...]) -> dict:
+        texts = [self.token_text(t) for t in tokens]
+        offsets, at = [], 0
+        for t in texts:
+            offsets.append(at)
+            at += len(t)
+        return {
+            "tokens": texts,
+            "token_logprobs": [lp.get(t) for t, lp in zip(tokens, logprobs)],
+            "top_logprobs": [{self.token_text(k): v for k, v in lp.items()} for lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    # ---- /v1/chat/completions ----------------------------------------------------------------
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, f"the model {self.state.model_name!r} has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+                continue_final_message=body.continue_final_message,
+            )
+        except Exception as e:  # a template may raise on roles or orders it does not accept
+            raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
+        # The template already holds any BOS it wants; adding special tokens again would double it.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        adapter = self.state.adapter_for(body.model)
+        prompt = self.chat_prompt(body)
+        max_tokens = self.check_length(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
+        top = body.top_logprobs or 0
+        params = sampling_params(body, max_tokens, top if body.logprobs else None)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_ids, sink = await self.submit_all(request_id, [prompt], params, adapter)
+        choices = Choices(request_ids, body.n)
+        header = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
+
+        if body.stream:
+            started: set[int] = set()
+
+            def chunks(index: int, completion: Any, choices: Choices) -> list[dict]:
+                out = []
+                if index not in started:  # OpenAI streams the role first, in its own chunk
+                    started.add(index)
+                    out.append(
+                        {
+                            "choices": [
+                                {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                            ]
+                        }
+                    )
+                text, tokens, logprobs = self.new_text(index, completion, choices)
+                if text or tokens or completion.finish_reason is not None:
+                    delta = {"content": text} if text or completion.finish_reason is None else {}
+                    lp = self.chat_logprobs(tokens, logprobs, top) if logprobs is not None else None
+                    out.append(
+                        {
+                            "choices": [
+                                {"index": index, "delta": delta, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}
+                            ]
+                        }
+                    )
+                return out
+
+            return StreamingResponse(self.stream(sink, choices, chunks, body.include_usage(), header), media_type="text/event-stream")
+
+        await self.collect(request, sink, choices)
+        update = choices.latest[request_ids[0]]
+        out = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, top) if c.logprobs is not None else None,
+                "finish_reason": _finish_reason(c.finish_reason),
+            }
+            for c in sorted(update.outputs, key=lambda c: c.index)
+        ]
+        return {**header, "object": "chat.completion", "choices": out, "usage": choices.usage()}
+
+    def chat_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...], top: int) -> dict:
+        def entry(token_id: int, logprob: float | None) -> dict:
+            text = self.token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        content = []
+        for token_id, lp in zip(tokens, logprobs):
+            best = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
+            content.append({**entry(token_id, lp.get(token_id)), "top_logprobs": [entry(k, v) for k, v in best]})
+        return {"content": content}
+
+    # ---- models and adapters -----------------------------------------------------------------
+
+    def models(self) -> dict:
+        base = {
+            "id": self.state.model_name,
+            "object": "model",
+            "created": self.state.created,
+            "owned_by": "preft",
+            "root": self.state.model_dir,
+            "parent": None,
+        }
+        data = [base]
+        for info in sorted(self.loop.adapters().values(), key=lambda i: i.name):
+            data.append(
+                {
+                    "id": info.name,
+                    "object": "model",
+                    "created": self.state.created,
+                    "owned_by": "preft",
+                    "root": info.path,
+                    "parent": self.state.model_name,
+                    "kind": info.kind,
+                    "policy": info.policy,
+                    "rank": info.rank,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    async def load_adapter(self, body: LoadAdapterRequest) -> dict:
+        name, path = body.name_and_path()
+        if name == self.state.model_name:
+            raise APIError(400, f"adapter name {name!r} is the base model's name; choose another", param="lora_name")
+        resolved = self.state.resolve_adapter_path(path)
+        info = await self.loop.load_adapter(name, resolved, body.policy)
+        return {
+            "object": "adapter",
+            "id": info.name,
+            "kind": info.kind,
+            "policy": info.policy,
+            "rank": info.rank,
+            "path": info.path,
+            "status": "loaded",
+        }
+
+    async def unload_adapter(self, body: UnloadAdapterRequest) -> dict:
+        info = await self.loop.unload_adapter(body.name(), body.if_in_use)
+        return {"object": "adapter", "id": info.name, "status": "unloaded"}
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI app serving ``state``. Starting and stopping the engine thread is the caller's job."""
+    routes = Routes(state)
+    state.created = state.created or int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.engine_loop.shutdown()  # fail what is in flight, stop the engine thread
+
+    app = FastAPI(title="preft", description="OpenAI-compatible server for prefill-only adapters", lifespan=lifespan)
+
+    async def check_api_key(request: Request) -> None:
+        if state.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), state.api_key.encode()):
+            raise APIError(401, "missing or wrong API key; send 'Authorization: Bearer <key>'", code="invalid_api_key")
+
+    v1 = [Depends(check_api_key)]
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(400, f"the request body is not valid JSON: {first.get('msg')}"), status_code=400)
+        param = ".".join(loc) or None
+        message = f"invalid '{param}': {first.get('msg')}" if param else f"invalid request body: {first.get('msg')}"
+        return JSONResponse(error_body(400, message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(e.status_code, str(e.detail)), status_code=e.status_code)
+
+    @app.exception_handler(PreftError)
+    async def preft_error(request: Request, e: PreftError) -> JSONResponse:
+        return JSONResponse(error_body(400, str(e)), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+
+    @app.post("/v1/completions", dependencies=v1)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        try:
+            return await routes.completions(body, request)
+        except ClientGone:
+            return PlainTextResponse("", status_code=499)
+
+    @app.post("/v1/chat/completions", dependencies=v1)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        try:
+            return await routes.chat_completions(body, request)
+        except ClientGone:
+            return PlainTextResponse("", status_code=499)
+
+    @app.get("/v1/models", dependencies=v1)
+    async def models() -> dict:
+        return routes.models()
+
+    @app.post("/v1/load_lora_adapter", dependencies=v1)
+    @app.post("/v1/load_reft_adapter", dependencies=v1)
+    async def load_adapter(body: LoadAdapterRequest) -> dict:
+        return await routes.load_adapter(body)
+
+    @app.post("/v1/unload_lora_adapter", dependencies=v1)
+    @app.post("/v1/unload_reft_adapter", dependencies=v1)
+    async def unload_adapter(body: UnloadAdapterRequest) -> dict:
+        return await routes.unload_adapter(body)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not state.engine_loop.alive:
+            return JSONResponse(error_body(503, "the engine is not running"), status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        stats = (
+            await asyncio.wait_for(state.engine_loop.stats(), timeout=30) if state.engine_loop.alive else state.engine_loop.stats_snapshot
+        )
+        text = state.engine_loop.metrics.render(stats, len(state.engine_loop.adapters()))
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    return app

@@ -1,0 +1,176 @@
+"""``preft serve``: the OpenAI-compatible server.
+
+Imports nothing heavy at module level: ``preft --help`` and the other subcommands must not
+need FastAPI, uvicorn or torch to start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("preft.server")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model_dir",
+        nargs="?",
+        default=None,
+        metavar="MODEL_DIR",
+        help="Hugging Face model directory (default: the built-in model and its demo adapters)",
+    )
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[:POLICY]",
+        help="adapter to serve as model NAME; POLICY 'prefill' or 'all' overrides the recorded one (repeatable)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("PREFT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PREFT_API_KEY)",
+    )
+    parser.add_argument(
+        "--adapter-root", type=Path, default=None, help="directory runtime adapter loads may read from (default: runtime loading disabled)"
+    )
+    parser.add_argument("--served-model-name", default=None, help="name of the base model in the API (default: the model directory's name)")
+    parser.add_argument("--no-default-adapters", action="store_true", help="with no MODEL_DIR, do not load the built-in demo adapters")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    engine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+    engine.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident on the device at once")
+    engine.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory (LRU)")
+    engine.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from --gpu-memory-utilization)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    engine.add_argument("--block-size", type=int, default=16)
+    engine.add_argument("--max-num-seqs", type=int, default=64)
+    engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    engine.add_argument("--max-model-len", type=int, default=None)
+    engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM's flag name)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def parse_adapter_flag(flag: str) -> tuple[str, str, str | None]:
+    """``NAME=PATH[:POLICY]`` -> (name, path, policy or None)."""
+    name, sep, rest = flag.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--adapter {flag!r} must look like NAME=PATH or NAME=PATH:POLICY (POLICY: prefill or all)")
+    path, policy = rest, None
+    head, colon, tail = rest.rpartition(":")
+    if colon and tail in ("prefill", "all"):
+        path, policy = head, tail
+    return name, path, policy
+
+
+def build_state(args: argparse.Namespace):
+    """Load the model and startup adapters; return the ``ServerState`` (engine thread started)."""
+    from preft.engine import LLM
+    from preft.server.app import ServerState
+    from preft.server.default_model import default_model
+    from preft.server.engine_loop import EngineLoop
+
+    adapters: dict[str, tuple[str, str | None]] = {}
+    if args.model_dir is None:
+        default = default_model()
+        model_dir = default.model_dir
+        logger.info("no MODEL_DIR given: serving %s", default.description)
+        if not args.no_default_adapters:
+            adapters.update({name: (str(path), policy) for name, (path, policy) in default.adapters.items()})
+    else:
+        model_dir = Path(args.model_dir)
+    for flag in args.adapter:
+        name, path, policy = parse_adapter_flag(flag)
+        adapters[name] = (path, policy)
+
+    llm = LLM(
+        str(model_dir),
+        dtype=args.dtype,
+        device=args.device,
+        max_adapter_slots=args.max_adapter_slots,
+        max_cpu_adapters=args.max_cpu_adapters,
+        num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_model_len=args.max_model_len,
+        use_cuda_graphs=not args.enforce_eager,
+    )
+    model_name = args.served_model_name or llm.model_name
+    for name, (path, policy) in adapters.items():
+        if name == model_name:
+            raise ValueError(f"--adapter name {name!r} is the base model's name; choose another")
+        info = llm.add_adapter(name, path, policy=policy)
+        logger.info("loaded adapter %r: %s rank %d, policy %s, from %s", name, info.kind, info.rank, info.policy, path)
+    engine_loop = EngineLoop(llm)
+    engine_loop.start()
+    state = ServerState(
+        engine_loop=engine_loop,
+        tokenizer=llm.tokenizer,
+        model_name=model_name,
+        max_model_len=llm.max_model_len,
+        model_dir=str(model_dir),
+        api_key=args.api_key,
+        adapter_root=args.adapter_root,
+    )
+    return state
+
+
+def summary(state, args: argparse.Namespace) -> str:
+    """The start-up summary a person reads: what is served, where, and with what capacity."""
+    llm = state.engine_loop.llm
+    stats = state.engine_loop.stats_snapshot
+    block_size = getattr(llm.engine, "block_size", args.block_size)
+    kv_blocks = stats.get("kv_blocks_total", "?")
+    kv_tokens = kv_blocks * block_size if isinstance(kv_blocks, int) else "?"
+    lines = [
+        f"preft serve: model {state.model_name!r} from {state.model_dir}",
+        f"  dtype {getattr(llm, 'dtype', args.dtype)}, device {getattr(llm, 'device', args.device or 'auto')}, context {state.max_model_len} tokens",
+        f"  KV cache: {kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens; adapter slots {stats.get('adapter_slots_total', args.max_adapter_slots)}, host cache {args.max_cpu_adapters}",
+    ]
+    infos = sorted(state.engine_loop.adapters().values(), key=lambda i: i.name)
+    lines.append(f"  adapters ({len(infos)}):" + ("" if infos else " none"))
+    lines += [f"    {i.name}: {i.kind} r={i.rank} policy={i.policy} ({i.path})" for i in infos]
+    root = f"from {args.adapter_root}" if args.adapter_root else "disabled (--adapter-root not set)"
+    lines.append(f"  runtime adapter loading: {root}; API key: {'required' if args.api_key else 'not required'}")
+    lines.append(f"  listening on http://{args.host}:{args.port}/v1")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn
+
+        from preft.server.app import create_app
+    except ModuleNotFoundError as e:
+        print(f"preft serve needs FastAPI and uvicorn ({e}); install them with: pip install 'preft[server]'", file=sys.stderr)
+        return 2
+    from preft.errors import PreftError
+
+    try:
+        state = build_state(args)
+    except (PreftError, ValueError, OSError) as e:
+        print(f"preft serve: {e}", file=sys.stderr)
+        return 2
+    logger.info("%s", summary(state, args))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logger.warning("binding %s without --api-key: anyone who can reach this address can use the server", args.host)
+    app = create_app(state)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)  # handles SIGINT and SIGTERM: stop accepting, finish, then lifespan shutdown
+    try:
+        server.run()
+    finally:
+        state.engine_loop.shutdown()
+    logger.info("preft serve: stopped")
+    return 0 if server.started else 1

@@ -1,0 +1,348 @@
+"""The engine thread: the one thread that touches the ``LLMEngine``.
+
+HTTP handlers run on the asyncio event loop and never call the engine. They put commands (plain
+callables) on a thread-safe queue; the engine thread runs them between ``step()`` calls, and
+delivers each request's outputs to that request's ``asyncio.Queue`` with
+``loop.call_soon_threadsafe``. Adapter loads and unloads go through the same queue, so the engine
+never sees two threads.
+
+Unloading an adapter that requests still use only affects those requests: by default the
+adapter stops accepting new requests and is removed when its last request finishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from preft.errors import PreftError
+from preft.server.metrics import Metrics
+from preft.server.protocol import APIError, ModelNotFound
+
+logger = logging.getLogger("preft.server")
+
+
+@dataclass(frozen=True)
+class CompletionUpdate:
+    """One choice of one request as of this step (copied out of the engine's objects)."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    logprobs: tuple[dict[int, float], ...] | None
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    outputs: tuple[CompletionUpdate, ...]
+    finished: bool
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """Sent instead of an update when a request ends without finishing (adapter unloaded, shutdown, engine error)."""
+
+    request_id: str
+    error: APIError
+
+
+@dataclass
+class _Stream:
+    request_id: str
+    adapter: str | None
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float = field(default_factory=time.perf_counter)
+    last_token_time: float | None = None
+    num_tokens: int = 0
+
+    def deliver(self, item: RequestUpdate | RequestFailed) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.sink.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+def _snapshot(output: Any) -> RequestUpdate:
+    outputs = tuple(
+        CompletionUpdate(
+            index=c.index,
+            token_ids=tuple(c.token_ids),
+            text=c.text,
+            finish_reason=c.finish_reason,
+            logprobs=None if c.logprobs is None else tuple(dict(d) for d in c.logprobs),
+        )
+        for c in output.outputs
+    )
+    return RequestUpdate(output.request_id, tuple(output.prompt_token_ids or ()), outputs, bool(output.finished))
+
+
+def _is_in_use_error(error: Exception) -> bool:
+    return type(error).__name__ == "AdapterInUseError"
+
+
+class EngineLoop:
+    """Owns ``llm.engine`` on a background thread; every public method is safe to call from any thread."""
+
+    def __init__(self, llm: Any, metrics: Metrics | None = None, idle_poll_s: float = 0.5):
+        self.llm = llm
+        self.engine = llm.engine
+        self.metrics = metrics or Metrics()
+        self._idle_poll_s = idle_poll_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._users: dict[str, set[str]] = {}  # adapter name -> ids of requests that use it
+        self._unloading: dict[str, list[concurrent.futures.Future]] = {}
+        self._adapters = {info.name: info for info in self.engine.list_adapters()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="preft-engine", daemon=True)
+        self.stats_snapshot: dict = dict(self.engine.stats())
+        self.error: str | None = None  # set if the engine thread died
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Fail every in-flight request, stop the engine thread and wait for it."""
+        if not self._thread.is_alive():
+            return
+        self._commands.put((self._abort_all, None))
+        self._stop.set()
+        self._commands.put((lambda: None, None))  # wake the thread if it is idle
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def adapters(self) -> dict[str, Any]:
+        """Registered adapters, ``name -> AdapterInfo`` (a copy, safe to read anywhere)."""
+        return dict(self._adapters)
+
+    # ---- API for the event loop --------------------------------------------------------------
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn()`` on the engine thread; the future holds its result or exception."""
+        if not self._thread.is_alive():
+            raise APIError(503, f"the engine is not running ({self.error or 'shut down'})")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, future))
+        return future
+
+    async def submit(self, request_id: str, prompt: str | list[int], params: Any, adapter: str | None, sink: asyncio.Queue) -> None:
+        """Add a request; its ``RequestUpdate``s (then maybe a ``RequestFailed``) arrive on ``sink``.
+
+        Raises ``ModelNotFound`` for an unknown or unloading adapter and ``APIError(400)`` for input
+        the engine rejects (e.g. a prompt longer than the context).
+        """
+        stream = _Stream(request_id, adapter, sink, asyncio.get_running_loop())
+        await asyncio.wrap_future(self.call(lambda: self._add_request(stream, prompt, params)))
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (e.g. its client disconnected): its KV blocks and adapter slot are freed."""
+        if self._thread.is_alive():
+            self._commands.put((lambda: self._abort(request_id, None), None))
+
+    async def load_adapter(self, name: str, path: str, policy: str | None) -> Any:
+        return await asyncio.wrap_future(self.call(lambda: self._load_adapter(name, path, policy)))
+
+    async def unload_adapter(self, name: str, if_in_use: str = "wait") -> Any:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        if not self._thread.is_alive():
+            raise APIError(503, "the engine is not running")
+        self._commands.put((lambda: self._unload_adapter(name, if_in_use, future), None))
+        return await asyncio.wrap_future(future)
+
+    async def stats(self) -> dict:
+        """Fresh ``engine.stats()``, read on the engine thread."""
+        return await asyncio.wrap_future(self.call(self._refresh_stats))
+
+    def users(self, name: str) -> set[str]:
+        return set(self._users.get(name, ()))
+
+    # ---- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self.engine.has_unfinished_requests():
+                    try:  # idle: sleep until a command arrives
+                        self._execute(self._commands.get(timeout=self._idle_poll_s))
+                    except queue.Empty:
+                        continue
+                while True:  # run everything queued before the next step
+                    try:
+                        self._execute(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                if self.engine.has_unfinished_requests() and not self._stop.is_set():
+                    self._step()
+                self._refresh_stats()
+        except BaseException:  # the engine is broken: fail everything, say why, and stop
+            self.error = traceback.format_exc()
+            logger.error("engine thread crashed:\n%s", self.error)
+            self._fail_all(APIError(500, "the engine failed; see the server log"))
+            raise
+
+    def _execute(self, command: tuple[Callable[[], Any], concurrent.futures.Future | None]) -> None:
+        fn, future = command
+        try:
+            result = fn()
+        except Exception as e:  # errors belong to the caller that sent the command
+            if future is None:
+                logger.exception("engine command failed")
+            else:
+                future.set_exception(e)
+            return
+        if future is not None:
+            future.set_result(result)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception("engine step failed; failing its requests")
+            self._fail_all(APIError(500, "the engine failed while running this request; see the server log"))
+            return
+        now = time.perf_counter()
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:  # aborted after the engine scheduled it
+                continue
+            update = _snapshot(output)
+            n = sum(len(c.token_ids) for c in update.outputs)
+            if n > stream.num_tokens:
+                if stream.last_token_time is None:
+                    self.metrics.first_token(now - stream.arrival)
+                    if n - stream.num_tokens > 1:
+                        self.metrics.later_tokens(0.0, n - stream.num_tokens - 1)
+                else:
+                    self.metrics.later_tokens(now - stream.last_token_time, n - stream.num_tokens)
+                stream.last_token_time, stream.num_tokens = now, n
+            stream.deliver(update)
+            if update.finished:
+                self.metrics.latency(now - stream.arrival)
+                for c in update.outputs:
+                    self.metrics.request_finished(c.finish_reason or "stop")
+                self._forget(stream)
+        self._finish_unloads()
+
+    def _add_request(self, stream: _Stream, prompt: str | list[int], params: Any) -> None:
+        name = stream.adapter
+        if name is not None:
+            if name in self._unloading:
+                raise ModelNotFound(f"adapter {name!r} is being unloaded and takes no new requests")
+            if name not in self._adapters:
+                raise ModelNotFound(f"the model {name!r} does not exist; see GET /v1/models")
+        if stream.request_id in self._streams:
+            raise APIError(400, f"request id {stream.request_id!r} is already in use")
+        try:
+            self.engine.add_request(stream.request_id, prompt, params, name)
+        except PreftError as e:
+            raise APIError(400, str(e)) from None
+        self._streams[stream.request_id] = stream
+        if name is not None:
+            self._users.setdefault(name, set()).add(stream.request_id)
+
+    def _abort(self, request_id: str, error: APIError | None) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self.engine.abort_request(request_id)
+        self.metrics.request_finished("abort")
+        if error is not None:
+            stream.deliver(RequestFailed(request_id, error))
+        self._forget(stream)
+        self._finish_unloads()
+
+    def _forget(self, stream: _Stream) -> None:
+        self._streams.pop(stream.request_id, None)
+        if stream.adapter is not None:
+            users = self._users.get(stream.adapter)
+            if users is not None:
+                users.discard(stream.request_id)
+                if not users:
+                    del self._users[stream.adapter]
+
+    def _fail_all(self, error: APIError) -> None:
+        for request_id in list(self._streams):
+            try:
+                self._abort(request_id, error)
+            except Exception:  # the engine may be broken; still tell every client
+                stream = self._streams.pop(request_id)
+                stream.deliver(RequestFailed(request_id, error))
+        for name, futures in self._unloading.items():
+            for future in futures:
+                future.set_exception(APIError(503, f"adapter {name!r} was not unloaded: {error.message}"))
+        self._unloading.clear()
+
+    def _abort_all(self) -> None:
+        self._fail_all(APIError(503, "the server is shutting down"))
+
+    def _load_adapter(self, name: str, path: str, policy: str | None) -> Any:
+        if name in self._adapters:
+            raise APIError(400, f"an adapter named {name!r} is already loaded; unload it first or choose another name", param="lora_name")
+        if name in self._unloading:
+            raise APIError(409, f"adapter {name!r} is still being unloaded; retry when the unload has returned", param="lora_name")
+        try:
+            info = self.engine.add_adapter(name, path, policy=policy)
+        except PreftError as e:
+            raise APIError(400, f"adapter {name!r} at {path!r} cannot be loaded: {e}", param="lora_path") from None
+        except OSError as e:
+            raise APIError(400, f"adapter {name!r} at {path!r} cannot be read: {e}", param="lora_path") from None
+        self._adapters[name] = info
+        self.metrics.adapter_event(loaded=True)
+        logger.info("loaded adapter %r: %s rank %d, policy %s, from %s", name, info.kind, info.rank, info.policy, path)
+        return info
+
+    def _unload_adapter(self, name: str, if_in_use: str, future: concurrent.futures.Future) -> None:
+        if name not in self._adapters:
+            future.set_exception(ModelNotFound(f"no adapter named {name!r} is loaded"))
+            return
+        users = sorted(self._users.get(name, ()))
+        if users and if_in_use == "error":
+            future.set_exception(
+                APIError(409, f"adapter {name!r} is in use by {len(users)} request(s): {', '.join(users)}", param="lora_name")
+            )
+            return
+        if users and if_in_use == "abort":
+            for request_id in users:
+                self._abort(request_id, APIError(409, f"request aborted: its adapter {name!r} was unloaded"))
+        self._unloading.setdefault(name, []).append(future)
+        if users and if_in_use == "wait":
+            logger.info("unloading adapter %r: waiting for %d request(s) that use it", name, len(users))
+        self._finish_unloads()
+
+    def _finish_unloads(self) -> None:
+        """Remove every unloading adapter whose requests have all finished."""
+        for name in [n for n in self._unloading if not self._users.get(n)]:
+            try:
+                self.engine.remove_adapter(name)
+            except Exception as e:
+                if _is_in_use_error(e) and self.engine.has_unfinished_requests():
+                    continue  # the engine still holds it for a finishing request; retry after the next step
+                for future in self._unloading.pop(name):
+                    future.set_exception(APIError(500, f"adapter {name!r} could not be unloaded: {e}"))
+                continue
+            info = self._adapters.pop(name)
+            self.metrics.adapter_event(loaded=False)
+            logger.info("unloaded adapter %r", name)
+            for future in self._unloading.pop(name):
+                future.set_result(info)
+
+    def _refresh_stats(self) -> dict:
+        self.stats_snapshot = dict(self.engine.stats())
+        return self.stats_snapshot

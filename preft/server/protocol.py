@@ -1,0 +1,217 @@
+"""The OpenAI wire format: request bodies, their translation to ``SamplingParams``, and errors.
+
+Field names and defaults follow the OpenAI API; vLLM's extra sampling fields (``top_k``,
+``ignore_eos``, ``stop_token_ids``) are accepted too, so clients written for vLLM work unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+# status -> OpenAI error ``type``
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI schema: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, self.param, self.code)
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "param": param, "code": code or str(status)}}
+
+
+class ModelNotFound(APIError):
+    def __init__(self, message: str):
+        super().__init__(404, message, param="model", code="model_not_found")
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model: str
+    n: int = Field(1, ge=1, le=16)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # vLLM uses -1 for "off"; preft uses 0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float, info: Any) -> float:
+        neutral = 1.0 if info.field_name == "repetition_penalty" else 0.0
+        if value != neutral:
+            raise ValueError(f"is not supported by preft; leave it at {neutral}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise ValueError("is not supported by preft")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if isinstance(value, list) and (not value or any(isinstance(p, list) and not p for p in value)):
+            raise ValueError("must be a non-empty string, list of strings, list of token ids or list of token-id lists")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("echo=true is not supported by preft")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of > 1 is not supported by preft; use n")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("is not supported by preft")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: one string, strings, one token-id list, or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        """Message content as text; list content keeps its ``{"type": "text"}`` parts."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise APIError(400, f"message content part of type {part.get('type')!r} is not supported; only 'text'", param="messages")
+            parts.append(part.get("text", ""))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    add_generation_prompt: bool = True  # vLLM extra
+    continue_final_message: bool = False  # vLLM extra
+
+
+class LoadAdapterRequest(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body; ``reft_name``/``reft_path`` for the ReFT endpoint; ``policy`` is preft's."""
+
+    lora_name: str | None = None
+    lora_path: str | None = None
+    reft_name: str | None = None
+    reft_path: str | None = None
+    policy: Literal["prefill", "all"] | None = None
+
+    def name_and_path(self) -> tuple[str, str]:
+        name, path = self.lora_name or self.reft_name, self.lora_path or self.reft_path
+        if not name:
+            raise APIError(400, "missing adapter name: give 'lora_name' (or 'reft_name')", param="lora_name")
+        if not path:
+            raise APIError(400, "missing adapter path: give 'lora_path' (or 'reft_path')", param="lora_path")
+        return name, path
+
+
+class UnloadAdapterRequest(BaseModel):
+    """vLLM's ``/v1/unload_lora_adapter`` body plus ``if_in_use``.
+
+    ``if_in_use``: ``"wait"`` (default) waits for the requests that use the adapter, refusing new
+    ones; ``"abort"`` ends those requests with an error; ``"error"`` refuses the unload with 409.
+    """
+
+    lora_name: str | None = None
+    reft_name: str | None = None
+    lora_int_id: int | None = None  # accepted for vLLM compatibility, unused
+    if_in_use: Literal["wait", "abort", "error"] = "wait"
+
+    def name(self) -> str:
+        name = self.lora_name or self.reft_name
+        if not name:
+            raise APIError(400, "missing adapter name: give 'lora_name' (or 'reft_name')", param="lora_name")
+        return name
+
+
+def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None):
+    """The engine's ``SamplingParams`` for one OpenAI request."""
+    from preft.engine import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=max(request.top_k, 0),
+        seed=request.seed,
+        stop=request.stop_list(),
+        stop_token_ids=list(request.stop_token_ids),
+        ignore_eos=request.ignore_eos,
+        n=request.n,
+        logprobs=logprobs,
+    )
