@@ -19,9 +19,19 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-TINY_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+TINY_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512
+)
 FAMILY_OVERRIDES = {
-    "llama": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}),
+    "llama": dict(
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+    ),
     "mistral": dict(sliding_window=None),
     "qwen2": dict(tie_word_embeddings=True),
     "qwen3": dict(head_dim=32),
@@ -52,7 +62,12 @@ def build_tiny_checkpoint(path: str | Path, family: str = "llama", seed: int = 0
     fields = {**TINY_SHAPE, **FAMILY_OVERRIDES.get(family, {}), **overrides}
     fields.setdefault("tie_word_embeddings", False)
     config = AutoConfig.for_model(
-        family, vocab_size=vocab, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **fields
+        family,
+        vocab_size=vocab,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **fields,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -77,7 +77,7 @@ class Adapter:
         """``layer -> (down [r, d], bias [r], up [d, r])`` of the residual-stream edit."""
         factors = {}
         for layer in self.layers():
-            t = lambda name: self.tensors[reft_key(layer, name)]  # noqa: E731
+            t = lambda name, layer=layer: self.tensors[reft_key(layer, name)]  # noqa: E731
             if self.kind == "loreft":
                 factors[layer] = loreft_factors(t("rotate"), t("source.weight"), t("source.bias"))
             else:
@@ -169,7 +169,11 @@ class Adapter:
         hidden = None if model_config is None else _get(model_config, "hidden_size")
         n_layers = None if model_config is None else _get(model_config, "num_hidden_layers")
         for key, tensor in self.tensors.items():
-            ok = tensor.shape == (r,) if key.endswith("bias") else (tensor.dim() == 2 and tensor.shape[0] == r and (hidden is None or tensor.shape[1] == hidden))
+            ok = (
+                tensor.shape == (r,)
+                if key.endswith("bias")
+                else (tensor.dim() == 2 and tensor.shape[0] == r and (hidden is None or tensor.shape[1] == hidden))
+            )
             if not ok:
                 want = f"[{r}]" if key.endswith("bias") else f"[{r}, {hidden or 'hidden'}]"
                 raise AdapterShapeError(f"tensor {key!r} has shape {tuple(tensor.shape)}, expected {want}")

@@ -54,7 +54,11 @@ def check_fingerprint(recorded: dict | None, config: Any, what: str = "adapter")
     if not recorded:
         return
     actual = fingerprint(config)
-    diffs = [f"{k}: adapter has {recorded[k]!r}, model has {actual[k]!r}" for k in FINGERPRINT_FIELDS if k in recorded and recorded[k] != actual[k]]
+    diffs = [
+        f"{k}: adapter has {recorded[k]!r}, model has {actual[k]!r}"
+        for k in FINGERPRINT_FIELDS
+        if k in recorded and recorded[k] != actual[k]
+    ]
     if diffs:
         raise BaseModelMismatchError(f"{what} was trained on a different base model ({'; '.join(diffs)})")
 

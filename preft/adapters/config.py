@@ -55,9 +55,7 @@ class LoraConfig:
                 self.target_modules = [self.target_modules]
         unknown = [m for m in self.modules() if m not in LINEAR_MODULES]
         if unknown:
-            raise AdapterFormatError(
-                f"unknown LoRA target module(s) {unknown}; choose from {list(LINEAR_MODULES)} or 'all-linear'"
-            )
+            raise AdapterFormatError(f"unknown LoRA target module(s) {unknown}; choose from {list(LINEAR_MODULES)} or 'all-linear'")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise AdapterFormatError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
@@ -113,9 +111,7 @@ class ReftConfig:
             raise AdapterFormatError(f"ReFT rank r must be >= 1, got {self.r}")
         check_policy(self.policy)
         if parse_positions(self.positions) is not None and self.policy != "prefill":
-            raise AdapterFormatError(
-                f"ReFT positions {self.positions!r} select prompt tokens, so they need policy 'prefill'"
-            )
+            raise AdapterFormatError(f"ReFT positions {self.positions!r} select prompt tokens, so they need policy 'prefill'")
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterFormatError(f"dropout must be in [0, 1), got {self.dropout}")
 

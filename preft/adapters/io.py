@@ -176,7 +176,9 @@ def load_adapter(path: str | os.PathLike, policy: str | None = None, model_confi
             _, tensors = _lora_from_peft({**config, "r": adapter_config.r}, state, adapter_config.policy)
         else:
             tensors = dict(state)
-    adapter = Adapter(adapter_config, tensors, base, meta={"path": str(path), "base_model_name_or_path": config.get("base_model_name_or_path")})
+    adapter = Adapter(
+        adapter_config, tensors, base, meta={"path": str(path), "base_model_name_or_path": config.get("base_model_name_or_path")}
+    )
     adapter.validate(model_config)
     return adapter
 
@@ -220,7 +222,9 @@ def import_pyreft(path: str | os.PathLike, model_config: Any, policy: str = "pre
         ranks.add(tensors[reft_key(layer, "source.weight")].shape[0])
     if len(kinds) != 1 or len(ranks) != 1:
         raise AdapterFormatError(f"pyreft directory mixes intervention kinds {sorted(kinds)} or ranks {sorted(ranks)}")
-    config = ReftConfig(kind=kinds.pop(), r=ranks.pop(), layers=sorted({int(k.split(".")[1]) for k in tensors}), positions=positions, policy=policy)
+    config = ReftConfig(
+        kind=kinds.pop(), r=ranks.pop(), layers=sorted({int(k.split(".")[1]) for k in tensors}), positions=positions, policy=policy
+    )
     adapter = Adapter(config, {k: v.float() for k, v in tensors.items()}, fingerprint(model_config), meta={"path": str(path)})
     adapter.validate(model_config)
     return adapter

@@ -72,7 +72,9 @@ def generate(
     done = [False] * bsz
     step_ids = input_ids
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=attention_mask, adapter_names=adapter_names, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(step_ids, attention_mask=attention_mask, adapter_names=adapter_names, past_key_values=cache, use_cache=True).logits[
+            :, -1
+        ]
         next_ids = sample_next(logits, temperature, top_p, top_k, generator)
         for i in range(bsz):
             if done[i]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrizations
 
 from preft.adapters import (
     Adapter,
@@ -25,9 +24,9 @@ from preft.adapters import (
     check_family,
     fingerprint,
     load_adapter,
-    parse_positions,
     lora_key,
     low_rank_delta,
+    parse_positions,
     reft_key,
     reft_position_mask,
     save_adapter,
@@ -87,25 +86,39 @@ class LoraLinear(nn.Module):
         return out
 
 
+def orthonormal_rows(basis: Tensor) -> Tensor:
+    """The ``[r, d]`` matrix with orthonormal rows spanning ``basis``'s rows (QR, signs fixed).
+
+    Used as LoReFT's parametrization of R instead of ``torch.nn.utils.parametrizations.orthogonal``:
+    its Householder map reads signs from the raw diagonal with ``.int()``, so AdamW's weight decay
+    (-1 -> -0.999) silently collapses R to zero; matrix_exp/cayley would build d x d matrices.
+    """
+    q, r = torch.linalg.qr(basis.t())
+    return (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).t()
+
+
 class ReftEdit(nn.Module):
-    """LoReFT or DiReFT weights for one decoder layer (R kept orthonormal by a parametrization)."""
+    """LoReFT or DiReFT weights for one decoder layer (R kept orthonormal by ``orthonormal_rows``)."""
 
     def __init__(self, config: ReftConfig, hidden: int):
         super().__init__()
         self.kind = config.kind
         self.source = nn.Linear(hidden, config.r)
         if config.kind == "loreft":
-            rotate = nn.Linear(hidden, config.r, bias=False)
-            nn.init.orthogonal_(rotate.weight)
-            self.rotate = parametrizations.orthogonal(rotate)
+            self.rotate_basis = nn.Parameter(torch.empty(config.r, hidden))
+            nn.init.orthogonal_(self.rotate_basis)
         else:
             self.proj = nn.Parameter(torch.empty(config.r, hidden))
             nn.init.kaiming_uniform_(self.proj, a=5**0.5)
         self.dropout = nn.Dropout(config.dropout)
 
+    def rotate(self) -> Tensor:
+        """LoReFT's R ``[r, d]``, rows orthonormal."""
+        return orthonormal_rows(self.rotate_basis)
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.kind == "loreft":
-            return loreft_factors(self.rotate.weight, self.source.weight, self.source.bias)
+            return loreft_factors(self.rotate(), self.source.weight, self.source.bias)
         return direft_factors(self.proj, self.source.weight, self.source.bias)
 
 
@@ -208,11 +221,11 @@ class PreftModel(nn.Module):
                     w.lora_B.copy_(b)
             else:
                 for layer_key, edit in self.reft[name].items():
-                    t = lambda n: adapter.tensors[reft_key(int(layer_key), n)]  # noqa: E731
+                    t = lambda n, layer_key=layer_key: adapter.tensors[reft_key(int(layer_key), n)]  # noqa: E731
                     edit.source.weight.copy_(t("source.weight"))
                     edit.source.bias.copy_(t("source.bias"))
                     if edit.kind == "loreft":
-                        edit.rotate.weight = t("rotate").to(edit.source.weight)
+                        edit.rotate_basis.copy_(t("rotate"))
                     else:
                         edit.proj.copy_(t("proj"))
 
@@ -232,7 +245,7 @@ class PreftModel(nn.Module):
                 tensors[reft_key(layer, "source.weight")] = edit.source.weight.detach().cpu().clone()
                 tensors[reft_key(layer, "source.bias")] = edit.source.bias.detach().cpu().clone()
                 if edit.kind == "loreft":
-                    tensors[reft_key(layer, "rotate")] = edit.rotate.weight.detach().cpu().clone()
+                    tensors[reft_key(layer, "rotate")] = edit.rotate().detach().cpu().clone()
                 else:
                     tensors[reft_key(layer, "proj")] = edit.proj.detach().cpu().clone()
         name_or_path = getattr(self.config, "_name_or_path", None)
@@ -342,4 +355,3 @@ class PreftModel(nn.Module):
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook
-
