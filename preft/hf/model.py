@@ -207,7 +207,8 @@ class PreftModel(nn.Module):
         config = self.configs.pop(name)
         if isinstance(config, LoraConfig):
             for linear in self._lora_layers.values():
-                linear.adapters.pop(name, None)
+                if name in linear.adapters:  # nn.ModuleDict.pop takes no default
+                    del linear.adapters[name]
         else:
             del self.reft[name]
 
