@@ -1,0 +1,292 @@
+"""Adapters from disk to host memory to device slots, and the per-step view the model applies.
+
+- Registry: every added adapter (validated against the base model at ``add`` time).
+- Host LRU: up to ``max_cpu_adapters`` adapters loaded from disk are kept in host memory; an
+  evicted one is read from disk again when needed. Adapters given as objects stay pinned.
+- Device slots: ``max_adapter_slots`` rows of stacked tensors, per ``(layer, module)`` for LoRA
+  and per layer for ReFT: ``down [S, R, in]``, ``up [S, out, R]``, ``bias [S, R]``, ``ranks [S]``,
+  ``scaling [S]``, fed to ``grouped_low_rank``. A slot is reference-counted by the sequences
+  that use it; an idle slot keeps its adapter until another adapter needs the room (LRU).
+
+``AdapterBatch`` is what the model sees during one step: which slot each token uses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from preft.adapters import Adapter, LoraConfig, linear_shapes, load_adapter
+from preft.engine.lowrank import grouped_low_rank
+from preft.engine.sequence import AdapterRef
+from preft.errors import PreftError
+
+
+class UnknownAdapterError(PreftError):
+    """A request or call names an adapter that is not registered."""
+
+
+class AdapterInUseError(PreftError):
+    """An adapter cannot be removed while requests use it."""
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    kind: str
+    policy: str
+    rank: int
+    path: str | None
+
+
+@dataclass
+class _Entry:
+    info: AdapterInfo
+    ref: AdapterRef
+    pinned: Adapter | None  # adapters registered as objects cannot be re-read from disk
+
+
+class SlotStack:
+    """Stacked low-rank factors of every slot for one insertion point (a LoRA module or a ReFT layer)."""
+
+    def __init__(self, num_slots: int, fan_in: int, fan_out: int, rank: int, with_bias: bool, device: torch.device, dtype: torch.dtype):
+        self.down = torch.zeros(num_slots, rank, fan_in, device=device, dtype=dtype)
+        self.up = torch.zeros(num_slots, fan_out, rank, device=device, dtype=dtype)
+        self.bias = torch.zeros(num_slots, rank, device=device, dtype=dtype) if with_bias else None
+        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self.scaling = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.host_ranks = [0] * num_slots  # host copy: lets a step skip stacks its slots do not use, without a sync
+
+    @property
+    def max_rank(self) -> int:
+        return self.down.shape[1]
+
+    def grow(self, rank: int) -> None:
+        """Widen to ``rank`` (zero padded); slots keep their factors."""
+        pad = rank - self.max_rank
+        self.down = torch.cat([self.down, self.down.new_zeros(self.down.shape[0], pad, self.down.shape[2])], dim=1)
+        self.up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], self.up.shape[1], pad)], dim=2)
+        if self.bias is not None:
+            self.bias = torch.cat([self.bias, self.bias.new_zeros(self.bias.shape[0], pad)], dim=1)
+
+    def clear(self, slot: int) -> None:
+        self.down[slot].zero_()
+        self.up[slot].zero_()
+        if self.bias is not None:
+            self.bias[slot].zero_()
+        self.ranks[slot] = 0
+        self.host_ranks[slot] = 0
+
+    def set(self, slot: int, down: Tensor, up: Tensor, bias: Tensor | None, scaling: float) -> None:
+        r = down.shape[0]
+        if r > self.max_rank:
+            self.grow(r)
+        self.clear(slot)
+        self.down[slot, :r] = down
+        self.up[slot, :, :r] = up
+        if bias is not None:
+            self.bias[slot, :r] = bias
+        self.ranks[slot] = r
+        self.scaling[slot] = scaling
+        self.host_ranks[slot] = r
+
+
+class AdapterManager:
+    def __init__(self, model_config, device: torch.device, dtype: torch.dtype, max_adapter_slots: int = 8, max_cpu_adapters: int = 64):
+        if max_adapter_slots < 1:
+            raise PreftError(f"max_adapter_slots must be >= 1, got {max_adapter_slots}")
+        self.model_config = model_config
+        self.device, self.dtype = device, dtype
+        self.num_slots = max_adapter_slots
+        self.max_cpu_adapters = max_cpu_adapters
+        self.entries: dict[str, _Entry] = {}
+        self.host: OrderedDict[str, Adapter] = OrderedDict()
+        self.slot_owner: list[str | None] = [None] * max_adapter_slots
+        self.slot_refs = [0] * max_adapter_slots
+        self.slot_of: dict[str, int] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()  # loaded slots with no user, least recently used first
+        self.lora_stacks: dict[tuple[int, str], SlotStack] = {}
+        self.reft_stacks: dict[int, SlotStack] = {}
+        self.shapes = linear_shapes(model_config)
+        self.cpu_hits = self.cpu_misses = 0
+
+    # ---- registry ----------------------------------------------------------------------------
+
+    def add(self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None) -> AdapterInfo:
+        """Register ``name`` from a directory or an ``Adapter``; validated against the base model now."""
+        if name in self.entries:
+            raise PreftError(f"adapter {name!r} is already registered; remove it first or pick another name")
+        if isinstance(source, Adapter):
+            adapter, path = source.with_policy(policy), None
+            adapter.validate(self.model_config)
+        else:
+            path = str(source)
+            adapter = load_adapter(path, policy=policy, model_config=self.model_config)
+        adapter = adapter.to("cpu", self.dtype)
+        info = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, path)
+        ref = AdapterRef(name, adapter.kind, adapter.policy, adapter.content_hash(), adapter.positions())
+        self.entries[name] = _Entry(info, ref, adapter if path is None else None)
+        if path is not None:
+            self._host_put(name, adapter)
+        return info
+
+    def remove(self, name: str) -> None:
+        """Unregister ``name`` (the engine checks no request uses it first)."""
+        self.get(name)
+        slot = self.slot_of.pop(name, None)
+        if slot is not None:
+            assert self.slot_refs[slot] == 0, f"adapter {name!r} removed while slot {slot} is in use"
+            self.idle.pop(slot, None)
+            self._clear_slot(slot)
+        self.host.pop(name, None)
+        del self.entries[name]
+
+    def get(self, name: str) -> _Entry:
+        if name not in self.entries:
+            known = sorted(self.entries)
+            shown = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "")
+            raise UnknownAdapterError(f"unknown adapter {name!r}; registered: [{shown}] (add it with add_adapter first)")
+        return self.entries[name]
+
+    def list(self) -> list[AdapterInfo]:
+        return [e.info for e in self.entries.values()]
+
+    def _host_put(self, name: str, adapter: Adapter) -> None:
+        self.host[name] = adapter
+        self.host.move_to_end(name)
+        while len(self.host) > self.max_cpu_adapters:
+            self.host.popitem(last=False)
+
+    def _host_get(self, name: str) -> Adapter:
+        entry = self.entries[name]
+        if entry.pinned is not None:
+            self.cpu_hits += 1
+            return entry.pinned
+        if name in self.host:
+            self.cpu_hits += 1
+            self.host.move_to_end(name)
+            return self.host[name]
+        self.cpu_misses += 1
+        adapter = load_adapter(entry.info.path, policy=entry.info.policy, model_config=self.model_config).to("cpu", self.dtype)
+        if adapter.content_hash() != entry.ref.content_hash:
+            raise PreftError(f"adapter {name!r} changed on disk at {entry.info.path} since it was added; add it again")
+        self._host_put(name, adapter)
+        return adapter
+
+    # ---- device slots ------------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        return sum(1 for refs in self.slot_refs if refs > 0)
+
+    def acquire(self, name: str) -> int | None:
+        """A device slot holding ``name`` with one more user, or None when every slot is busy."""
+        slot = self.slot_of.get(name)
+        if slot is None:
+            empty = [s for s, owner in enumerate(self.slot_owner) if owner is None]
+            if empty:
+                slot = empty[0]
+            elif self.idle:
+                slot, _ = self.idle.popitem(last=False)
+                del self.slot_of[self.slot_owner[slot]]
+                self._clear_slot(slot)
+            else:
+                return None
+            self._load_slot(slot, name)
+        self.idle.pop(slot, None)
+        self.slot_refs[slot] += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.slot_refs[slot] -= 1
+        assert self.slot_refs[slot] >= 0, f"adapter slot {slot} released twice"
+        if self.slot_refs[slot] == 0:
+            self.idle[slot] = None
+
+    def _clear_slot(self, slot: int) -> None:
+        for stack in [*self.lora_stacks.values(), *self.reft_stacks.values()]:
+            if stack.host_ranks[slot]:
+                stack.clear(slot)
+        self.slot_owner[slot] = None
+
+    def _load_slot(self, slot: int, name: str) -> None:
+        adapter = self._host_get(name)
+        with torch.no_grad():
+            if isinstance(adapter.config, LoraConfig):
+                for (layer, module), (a, b) in adapter.lora_weights().items():
+                    stack = self.lora_stacks.get((layer, module))
+                    if stack is None:
+                        fan_in, fan_out = self.shapes[module]
+                        stack = self.lora_stacks[(layer, module)] = SlotStack(
+                            self.num_slots, fan_in, fan_out, a.shape[0], False, self.device, self.dtype
+                        )
+                    stack.set(slot, a.to(self.device), b.to(self.device), None, adapter.config.scaling)
+            else:
+                hidden = self.model_config.hidden_size
+                for layer, (down, bias, up) in adapter.reft_factors().items():
+                    stack = self.reft_stacks.get(layer)
+                    if stack is None:
+                        stack = self.reft_stacks[layer] = SlotStack(
+                            self.num_slots, hidden, hidden, down.shape[0], True, self.device, self.dtype
+                        )
+                    stack.set(slot, down.to(self.device), up.to(self.device), bias.to(self.device), 1.0)
+        self.slot_owner[slot] = name
+        self.slot_of[name] = slot
+
+    def batch(
+        self, lora_slot: Tensor | None, lora_active: set[int], reft_slot: Tensor | None, reft_active: set[int]
+    ) -> AdapterBatch | None:
+        """The step's adapter view; None when no token is adapted (then the model runs no adapter code)."""
+        if lora_slot is None and reft_slot is None:
+            return None
+        return AdapterBatch(self, lora_slot, lora_active, reft_slot, reft_active)
+
+
+class AdapterBatch:
+    """Per-token adapter slots of one flattened step; the model calls ``lora`` and ``reft``."""
+
+    def __init__(
+        self, manager: AdapterManager, lora_slot: Tensor | None, lora_active: set[int], reft_slot: Tensor | None, reft_active: set[int]
+    ):
+        self.manager = manager
+        self.lora_slot, self.lora_active = lora_slot, lora_active  # [N] slot per token, -1: no LoRA
+        self.reft_slot, self.reft_active = reft_slot, reft_active  # [N] slot per token, -1: no ReFT edit
+        self._masked: dict[int, Tensor | None] = {}
+
+    def _token_slot(self, stack: SlotStack, token_slot: Tensor, active_slots: set[int]) -> Tensor | None:
+        """``token_slot`` with slots that have no factors at this insertion point set to -1 (None: nothing to do)."""
+        key = id(stack)
+        if key not in self._masked:
+            with_rank = {s for s in active_slots if stack.host_ranks[s] > 0}
+            if not with_rank:
+                self._masked[key] = None
+            elif with_rank == active_slots:
+                self._masked[key] = token_slot
+            else:
+                keep = torch.tensor([stack.host_ranks[s] > 0 for s in range(len(stack.host_ranks))] + [False], device=token_slot.device)
+                self._masked[key] = torch.where(keep[token_slot], token_slot, -1)  # index -1 reads the trailing False
+        return self._masked[key]
+
+    def lora(self, layer: int, module: str, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus each token's LoRA delta for ``module`` of decoder layer ``layer``."""
+        stack = self.manager.lora_stacks.get((layer, module))
+        if stack is None or self.lora_slot is None:
+            return out
+        token_slot = self._token_slot(stack, self.lora_slot, self.lora_active)
+        if token_slot is None:
+            return out
+        return grouped_low_rank(x, token_slot, stack.down, stack.up, None, stack.ranks, stack.scaling, out=out)
+
+    def reft(self, layer: int, hidden: Tensor) -> Tensor:
+        """``hidden`` (the output of decoder layer ``layer``) plus each selected token's ReFT edit."""
+        stack = self.manager.reft_stacks.get(layer)
+        if stack is None or self.reft_slot is None:
+            return hidden
+        token_slot = self._token_slot(stack, self.reft_slot, self.reft_active)
+        if token_slot is None:
+            return hidden
+        return grouped_low_rank(hidden, token_slot, stack.down, stack.up, stack.bias, stack.ranks, stack.scaling, out=hidden)

@@ -1,0 +1,141 @@
+"""Paged KV blocks: allocation, reference counts and prefix caching.
+
+A block's hash chains over (parent hash, token ids, cache key), where the sequence supplies the
+cache key (adapter identity and per-token edit mask): two requests share a cached block only if
+they would compute exactly the same KV for it. Only full prompt blocks are ever registered, so
+KV computed during decode is never reused as prompt KV (DESIGN §1).
+
+Freed blocks keep their hash and stay reusable until the block is handed out again (LRU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections import OrderedDict
+
+from preft.engine.sequence import Sequence
+
+
+class Block:
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: bytes | None = None
+        self.content: tuple | None = None  # (token ids, cache key) checked on a hit: no trust in hashes alone
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.cached: dict[bytes, int] = {}  # hash -> block id
+        self.hits = 0
+        self.queries = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        """New blocks ``seq`` needs to hold ``num_tokens`` tokens of KV."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    @staticmethod
+    def _hash(parent: bytes | None, content: tuple) -> bytes:
+        return hashlib.blake2b(pickle.dumps((parent, content)), digest_size=16).digest()
+
+    def _take_free(self) -> int:
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None and self.cached.get(block.hash) == block_id:
+            del self.cached[block.hash]
+        block.hash, block.content, block.ref_count = None, None, 1
+        return block_id
+
+    def match_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding ``seq``'s leading full prompt blocks (no references taken)."""
+        if not self.enable_prefix_caching:
+            return []
+        found, parent = [], None
+        for i in range(seq.num_cacheable_blocks(self.block_size)):
+            content = seq.block_cache_key(i, self.block_size)
+            h = self._hash(parent, content)
+            block_id = self.cached.get(h)
+            if block_id is None or self.blocks[block_id].content != content:
+                break
+            found.append(block_id)
+            parent = h
+        return found
+
+    def allocate(self, seq: Sequence, token_budget: int) -> int:
+        """Admit ``seq`` (no blocks yet): reuse cached prefix blocks, then allocate for up to ``token_budget`` more tokens.
+
+        Sets ``seq.num_computed_tokens`` to the cached length and returns how many tokens to compute
+        now; 0 (nothing changed) if blocks are short.
+        """
+        assert not seq.block_table
+        prefix = self.match_prefix(seq)
+        self.queries += 1
+        cached_tokens = len(prefix) * self.block_size
+        num_tokens = min(seq.num_tokens - cached_tokens, token_budget)
+        needed = -(-(cached_tokens + num_tokens) // self.block_size) - len(prefix)
+        free_after_hits = len(self.free) - sum(1 for b in prefix if self.blocks[b].ref_count == 0)
+        if needed > free_after_hits:
+            return 0
+        for block_id in prefix:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        seq.block_table = prefix + [self._take_free() for _ in range(needed)]
+        seq.num_computed_tokens = seq.num_cached_tokens = cached_tokens
+        self.hits += bool(prefix)
+        return num_tokens
+
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, seq.num_computed_tokens + num_tokens) <= len(self.free)
+
+    def append(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow ``seq``'s block table to hold ``num_tokens`` more tokens (check ``can_append`` first)."""
+        for _ in range(self.blocks_needed(seq, seq.num_computed_tokens + num_tokens)):
+            seq.block_table.append(self._take_free())
+
+    def register_computed(self, seq: Sequence, previously_computed: int) -> None:
+        """Publish the full prompt blocks whose KV the last step completed, for later prefix hits."""
+        if not self.enable_prefix_caching:
+            return
+        first = previously_computed // self.block_size
+        last = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
+        parent = self.blocks[seq.block_table[first - 1]].hash if first > 0 else None
+        for i in range(first, last):
+            block = self.blocks[seq.block_table[i]]
+            if first > 0 and parent is None:
+                return  # an unregistered parent (cannot happen for prompt blocks, but never chain on None)
+            content = seq.block_cache_key(i, self.block_size)
+            h = self._hash(parent, content)
+            if block.hash is None:
+                block.hash, block.content = h, content
+                self.cached.setdefault(h, block.block_id)
+            parent = block.hash
+
+    def free_sequence(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references; blocks nobody uses go back to the free list (hash kept, newest last)."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0

@@ -1,0 +1,267 @@
+"""The engine loop: requests in, one scheduled step at a time, ``RequestOutput``s out.
+
+Single-threaded: a server drives ``add_request`` / ``step`` / ``abort_request`` from one thread.
+Dataflow per step: scheduler -> model runner (model, then sampler) -> stop checks -> outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from preft.adapters import Adapter
+from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, AdapterManager
+from preft.engine.block_manager import BlockManager
+from preft.engine.model import load_config, load_model
+from preft.engine.model_runner import ModelRunner, kv_block_bytes
+from preft.engine.sampler import SamplingParams, make_generator
+from preft.engine.scheduler import Scheduler
+from preft.engine.sequence import RequestOutput, Sequence
+from preft.errors import PreftError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_BUDGET_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
+
+
+def resolve_dtype(dtype: str | torch.dtype, config, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        name = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32").replace("torch.", "")
+        resolved = DTYPES.get(name, torch.float32)
+        return torch.float32 if device.type == "cpu" and resolved == torch.float16 else resolved
+    if dtype not in DTYPES:
+        raise PreftError(f"dtype must be 'auto' or one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def eos_token_ids(model_dir: Path, config, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer, config.json and generation_config.json (any may list several)."""
+    ids: set[int] = set()
+    sources = [tokenizer.eos_token_id, getattr(config, "eos_token_id", None)]
+    gen_config = model_dir / "generation_config.json"
+    if gen_config.is_file():
+        sources.append(json.loads(gen_config.read_text()).get("eos_token_id"))
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device | None = None,
+        max_adapter_slots: int = 8,
+        max_cpu_adapters: int = 64,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        max_model_len: int | None = None,
+        use_cuda_graphs: bool = True,
+    ):
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.config = load_config(self.model_dir)
+        self.dtype = resolve_dtype(dtype, self.config, self.device)
+        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.eos_token_ids = eos_token_ids(self.model_dir, self.config, self.tokenizer)
+        limit = getattr(self.config, "max_position_embeddings", None) or max_model_len or 4096
+        if max_model_len is not None and max_model_len > limit:
+            raise PreftError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
+        self.max_model_len = max_model_len or limit
+        self.block_size = block_size
+        if num_kv_blocks is None:
+            num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs)
+        self.adapters = AdapterManager(self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters)
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size)
+        self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"  # not implemented yet: decode runs eagerly
+        self.requests: dict[str, list[Sequence]] = {}
+        self.pending_removal: set[str] = set()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def _default_num_blocks(self, gpu_memory_utilization: float, max_num_seqs: int) -> int:
+        per_block = kv_block_bytes(self.config, self.block_size, self.dtype)
+        wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - (1 - gpu_memory_utilization) * total
+            if budget < per_block * 16:
+                raise PreftError(
+                    f"only {free / 2**30:.1f} GiB GPU memory free: too little for a KV cache; lower the model size or raise gpu_memory_utilization"
+                )
+            return int(budget // per_block)
+        return max(16, min(wanted, CPU_KV_BUDGET_BYTES // per_block))
+
+    # ---- adapters ----------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None) -> AdapterInfo:
+        return self.adapters.add(name, source, policy)
+
+    def remove_adapter(self, name: str, wait: bool = False) -> None:
+        """Unregister ``name``. In use: raise ``AdapterInUseError`` naming the requests, or with ``wait=True``
+        refuse new requests for it and remove it when its last request finishes."""
+        self.adapters.get(name)
+        users = sorted(
+            {s.request_id for seqs in self.requests.values() for s in seqs if s.adapter and s.adapter.name == name and not s.is_finished}
+        )
+        if not users:
+            self.adapters.remove(name)
+            self.pending_removal.discard(name)
+        elif wait:
+            self.pending_removal.add(name)
+        else:
+            raise AdapterInUseError(f"adapter {name!r} is in use by request(s) {users}; abort them or remove with wait=True")
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return [info for info in self.adapters.list() if info.name not in self.pending_removal]
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> None:
+        """Queue a request; bad input raises a ``PreftError`` naming the problem."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise PreftError(f"request id {request_id!r} is already in use")
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise PreftError("the prompt is empty: give at least one token")
+        vocab = self.config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise PreftError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if len(token_ids) > self.max_model_len:
+            raise PreftError(f"prompt has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}")
+        if -(-len(token_ids) // self.block_size) > self.block_manager.num_blocks:
+            raise PreftError(
+                f"prompt needs {-(-len(token_ids) // self.block_size)} KV blocks, the pool has {self.block_manager.num_blocks}"
+            )
+        ref = None
+        if adapter is not None:
+            if adapter in self.pending_removal:
+                raise PreftError(f"adapter {adapter!r} is being removed; it takes no new requests")
+            ref = self.adapters.get(adapter).ref
+        seqs = []
+        for index in range(params.n):
+            seed = None if params.seed is None else params.seed + index
+            seqs.append(Sequence(request_id, token_ids, params, ref, index, make_generator(seed, self.device)))
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now (no-op if unknown or finished); its blocks and slot are freed at once."""
+        for seq in self.requests.pop(request_id, []):
+            self.scheduler.finish(seq, "abort")
+        self._remove_pending_adapters()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; outputs of the requests that produced tokens or finished in it."""
+        batch, out_of_room = self.scheduler.schedule()
+        touched: dict[str, None] = {}
+        for seq in out_of_room:
+            self.scheduler.finish(seq, "length")
+            touched[seq.request_id] = None
+        if batch:
+            next_ids = self.runner.run(batch)
+            sampled = [item.seq for item in batch if item.samples]
+            self.scheduler.postprocess(batch)
+            self.prompt_tokens += sum(
+                min(item.end, item.seq.num_prompt_tokens) - min(item.start, item.seq.num_prompt_tokens) for item in batch
+            )
+            for seq, token_id in zip(sampled, next_ids):
+                self._append(seq, token_id)
+                touched[seq.request_id] = None
+        outputs = [self._request_output(rid) for rid in touched if rid in self.requests]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        self._remove_pending_adapters()
+        return outputs
+
+    def _append(self, seq: Sequence, token_id: int) -> None:
+        seq.append_token(token_id)
+        self.generation_tokens += 1
+        params = seq.params
+        seq.text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        reason = None
+        if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
+            reason = "stop"
+        elif params.stop:
+            cut = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = seq.text[:cut]
+                reason = "stop"
+        if reason is None and (len(seq.completion_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+
+    def _request_output(self, request_id: str) -> RequestOutput:
+        seqs = self.requests[request_id]
+        outputs = [seq.completion_output(0 if seq.is_finished else held_back(seq.text, seq.params.stop)) for seq in seqs]
+        first = seqs[0]
+        finished = all(s.is_finished for s in seqs)
+        metrics = {
+            "arrival_time": first.arrival_time,
+            "first_token_time": first.first_token_time,
+            "finished_time": time.monotonic() if finished else None,
+            "num_cached_tokens": first.num_cached_tokens,
+            "num_preemptions": sum(s.num_preemptions for s in seqs),
+        }
+        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished, metrics)
+
+    def _remove_pending_adapters(self) -> None:
+        for name in list(self.pending_removal):
+            if not any(s.adapter and s.adapter.name == name for seqs in self.requests.values() for s in seqs):
+                self.adapters.remove(name)
+                self.pending_removal.discard(name)
+
+    def stats(self) -> dict:
+        return dict(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+            adapter_slots_used=self.adapters.slots_in_use,
+            adapter_slots_total=self.adapters.num_slots,
+            cpu_adapter_hits=self.adapters.cpu_hits,
+            cpu_adapter_misses=self.adapters.cpu_misses,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.generation_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hits=self.block_manager.hits,
+            prefix_cache_queries=self.block_manager.queries,
+        )
+
+
+def held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that could still grow into a stop string (not shown yet)."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best

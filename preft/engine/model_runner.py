@@ -1,0 +1,127 @@
+"""Runs one scheduled step: flatten the sequences' new tokens, run the model, sample.
+
+Owns the model and the paged KV cache ``[2 (k, v), layers, blocks, block_size, kv_heads, head_dim]``.
+Per token it derives the KV slot, the position and the adapter slot (``-1`` for base requests and
+for every token the adapter's policy leaves alone, e.g. decode tokens of ``prefill`` adapters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from preft.engine.adapter_manager import AdapterManager
+from preft.engine.attention import AttentionMetadata
+from preft.engine.model import CausalLM
+from preft.engine.sampler import Sampler
+from preft.engine.sequence import Sequence
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: tokens ``start .. start + num_new_tokens`` get their KV computed."""
+
+    seq: Sequence
+    start: int
+    num_new_tokens: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the sequence's last token, so its logits give the next token."""
+        return self.end == self.seq.num_tokens
+
+
+def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    return 2 * config.num_hidden_layers * block_size * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, adapters: AdapterManager, num_blocks: int, block_size: int):
+        config = model.config
+        self.model = model
+        self.adapters = adapters
+        self.block_size = block_size
+        self.device = next(model.parameters()).device
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads or config.num_attention_heads
+        dtype = next(model.parameters()).dtype
+        self.kv_cache = torch.zeros(
+            2, config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=self.device
+        )
+        self.sampler = Sampler()
+
+    def _tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, AttentionMetadata, list[int]]:
+        input_ids, positions, slot_mapping, logits_rows = [], [], [], []
+        query_starts, query_lens, context_lens, block_tables = [], [], [], []
+        bs = self.block_size
+        for item in batch:
+            seq, start, end = item.seq, item.start, item.end
+            query_starts.append(len(input_ids))
+            query_lens.append(end - start)
+            context_lens.append(end)
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            table = seq.block_table
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            block_tables.append(table[: -(-end // bs)])
+            if item.samples:
+                logits_rows.append(len(input_ids) - 1)
+        decode_only = all(n == 1 for n in query_lens)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping),
+            query_starts=query_starts,
+            query_lens=query_lens,
+            context_lens=context_lens,
+            block_tables=[self._tensor(t) for t in block_tables] if not decode_only else [],
+            decode_only=decode_only,
+        )
+        if decode_only:
+            width = max(len(t) for t in block_tables)
+            meta.padded_block_tables = self._tensor([t + [0] * (width - len(t)) for t in block_tables])
+            meta.context_lens_tensor = self._tensor(context_lens)
+        return self._tensor(input_ids), self._tensor(positions), meta, logits_rows
+
+    def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):
+        """Per-token adapter slots; None when no token of the step is adapted."""
+        lora_slot = reft_slot = None
+        lora_active: set[int] = set()
+        reft_active: set[int] = set()
+        offset = 0
+        for item in batch:
+            seq, n = item.seq, item.num_new_tokens
+            mask = seq.adapter_mask(item.start, item.end)
+            if mask is not None:
+                assert seq.slot is not None, f"sequence of request {seq.request_id!r} is adapted but holds no adapter slot"
+                is_lora = seq.adapter.kind == "lora"
+                if is_lora and lora_slot is None:
+                    lora_slot = torch.full((num_tokens,), -1, dtype=torch.long)
+                if not is_lora and reft_slot is None:
+                    reft_slot = torch.full((num_tokens,), -1, dtype=torch.long)
+                target = lora_slot if is_lora else reft_slot
+                target[offset : offset + n][mask] = seq.slot
+                (lora_active if is_lora else reft_active).add(seq.slot)
+            offset += n
+        to_device = lambda t: None if t is None else t.to(self.device)  # noqa: E731
+        return self.adapters.batch(to_device(lora_slot), lora_active, to_device(reft_slot), reft_active)
+
+    @torch.inference_mode()
+    def run(self, batch: list[ScheduledSeq]) -> list[int]:
+        """Compute the batch's new tokens' KV; return the next token of every sequence whose chunk reached its end."""
+        input_ids, positions, meta, logits_rows = self.prepare(batch)
+        adapters = self.prepare_adapters(batch, len(input_ids))
+        hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
+        if not logits_rows:
+            return []
+        logits = self.model.logits(hidden[self._tensor(logits_rows)])
+        return self.sampler(logits, [item.seq for item in batch if item.samples])

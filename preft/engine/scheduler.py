@@ -1,0 +1,118 @@
+"""Continuous batching: which sequences compute which tokens in the next step.
+
+Every step has a token budget (``max_num_batched_tokens``). Running sequences go first, in
+arrival order: a decoding sequence takes one token, a prefilling one its next prompt chunk
+(chunked prefill). Then waiting sequences are admitted first-come first-served while budget,
+``max_num_seqs``, KV blocks and adapter slots allow; the head of the queue waits for a slot
+rather than being skipped, so no request starves. When a running sequence needs a block and
+none is free, the most recently admitted sequence is preempted: its blocks are freed and it
+is recomputed later (its adapter mask depends only on token indices, so the result is the same).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from preft.engine.adapter_manager import AdapterManager
+from preft.engine.block_manager import BlockManager
+from preft.engine.model_runner import ScheduledSeq
+from preft.engine.sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, adapters: AdapterManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.adapters = adapters
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
+        """The next step's work, and sequences finished for lack of KV room (a lone sequence outgrowing the pool)."""
+        budget = self.max_num_batched_tokens
+        batch: list[ScheduledSeq] = []
+        out_of_room: list[Sequence] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_append(seq, n):
+                victim = self.running[-1]
+                if victim is seq and len(self.running) == 1:
+                    out_of_room.append(seq)
+                    break
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if out_of_room:
+                break
+            if seq not in self.running:
+                continue  # it preempted itself
+            self.block_manager.append(seq, n)
+            batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.adapter is not None and seq.slot is None:
+                seq.slot = self.adapters.acquire(seq.adapter.name)
+                if seq.slot is None:
+                    break  # every slot busy: wait (FCFS) until a request releases one
+            n = self.block_manager.allocate(seq, budget)
+            if n == 0:
+                self._release_slot(seq)
+                break
+            if not seq.needs_adapter_slot:
+                self._release_slot(seq)  # its prompt came whole from the prefix cache
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return batch, out_of_room
+
+    def postprocess(self, batch: list[ScheduledSeq]) -> None:
+        """Record the computed KV, publish full prompt blocks, release prefill adapters whose prompt is done."""
+        for item in batch:
+            seq = item.seq
+            seq.num_computed_tokens = item.end
+            self.block_manager.register_computed(seq, item.start)
+            if seq.slot is not None and not seq.needs_adapter_slot:
+                self._release_slot(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End ``seq`` (any state): free its blocks and its adapter slot."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._release_slot(seq)
+        self.block_manager.free_sequence(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free_sequence(seq)
+        self._release_slot(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.adapters.release(seq.slot)
+            seq.slot = None
