@@ -1,0 +1,43 @@
+"""``preft train sft|grpo``: the trainer configs' fields are the flags (TRL style).
+
+preft train sft  --model DIR --dataset train.jsonl --adapter lora --policy prefill --r 16 --max_steps 500
+preft train grpo --model DIR --dataset prompts.jsonl --reward_funcs math --num_generations 8 --beta 0.04
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from preft.errors import PreftError
+from preft.train.config import GRPOConfig, SFTConfig, add_config_arguments, config_from_args
+
+TRAINERS = {"sft": SFTConfig, "grpo": GRPOConfig}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="trainer", required=True)
+    helps = {
+        "sft": "supervised fine-tuning on prompt/completion or messages JSONL",
+        "grpo": "GRPO on prompts JSONL with verifiable rewards",
+    }
+    for name, cls in TRAINERS.items():
+        p = sub.add_parser(name, help=helps[name], description=helps[name])
+        p.add_argument("--model", required=True, help="local Hugging Face model directory (the frozen base)")
+        p.add_argument("--dataset", required=True, help="training JSONL file")
+        add_config_arguments(p, cls)
+
+
+def run(args: argparse.Namespace) -> int:
+    from preft.train.grpo import GRPOTrainer
+    from preft.train.sft import SFTTrainer
+
+    try:
+        config = config_from_args(TRAINERS[args.trainer], args)
+        trainer_cls = SFTTrainer if args.trainer == "sft" else GRPOTrainer
+        result = trainer_cls(args.model, config, args.dataset).train()
+    except PreftError as e:
+        print(f"preft train {args.trainer}: error: {e}")
+        return 2
+    print(f"adapter saved to {result.adapter_path} after {result.steps} steps")
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}" + (f"; plot: {result.plot_path}" if result.plot_path else ""))
+    return 0
