@@ -41,7 +41,7 @@ class Case:
     method: str = "auto"
     bias: bool = True
     no_adapter_fraction: float = 0.25  # share of tokens with slot -1
-    out: str = "none"  # none | given (accumulate) | view (accumulate into a strided column view)
+    out: str = "none"  # none | given (accumulate) | view (a strided column view) | x (in place into x, as ReFT does)
     dtype: str = "float32"
     use_plan: bool = False
     scaling: list[float] = field(default_factory=list)
@@ -59,6 +59,8 @@ CASES = [
     Case("out_accumulate_sgmv", n=24, k=40, out_features=72, ranks=[3, 12, 7], r_max=12, method="sgmv", out="given"),
     Case("out_strided_view_sgmv", n=50, k=32, out_features=48, ranks=[2, 9], r_max=16, method="sgmv", out="view"),
     Case("out_strided_view_bgmv", n=10, k=32, out_features=48, ranks=[2, 9], r_max=16, method="bgmv", out="view"),
+    Case("out_is_x_sgmv", n=30, k=64, out_features=64, ranks=[4, 8], r_max=8, method="sgmv", out="x"),
+    Case("out_is_x_bgmv", n=30, k=64, out_features=64, ranks=[4, 8], r_max=8, method="bgmv", out="x"),
     Case("prefill_many_tokens_rank64", n=130, k=96, out_features=200, ranks=[64, 1, 33, 8, 16, 64, 5, 2], r_max=64, method="auto"),
     Case("decode_distinct_slots", n=8, k=64, out_features=128, ranks=[8] * 8, r_max=8, method="auto", no_adapter_fraction=0.0),
     Case("shared_plan_sgmv", n=70, k=32, out_features=32, ranks=[4, 8, 16], r_max=16, use_plan=True),
@@ -89,6 +91,8 @@ def make_inputs(case: Case, device: str) -> dict:
         out = rand(case.n, case.out_features)
     elif case.out == "view":
         out = rand(case.n, case.out_features + 24)[:, 8 : 8 + case.out_features]
+    elif case.out == "x":
+        out = x
     to = lambda t: None if t is None else t.to(device)  # noqa: E731
     return dict(x=to(x), token_slot=to(token_slot), down=to(down), up=to(up), bias=to(bias), ranks=case.ranks, scaling=scaling, out=to(out))
 
@@ -100,6 +104,8 @@ def run_case(case: Case, device: str) -> dict:
     inputs = make_inputs(case, device)
     f32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
     ref_out = None if f32["out"] is None else f32["out"].clone()
+    if case.out == "x":  # the reference reads x before it writes: give it its own copy of x
+        f32["x"] = f32["x"].clone()
     reference = grouped_low_rank_reference(
         f32["x"].cpu(), f32["token_slot"].cpu(), f32["down"].cpu(), f32["up"].cpu(), None if f32["bias"] is None else f32["bias"].cpu(),
         case.ranks, f32["scaling"], out=None if ref_out is None else ref_out.cpu(),
