@@ -215,24 +215,56 @@ class User:
     format: str | None = None
 
 
+def _chat(user: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
 def profile_rows(user: User, n: int, seed: int) -> list[dict]:
-    """Prompt/completion rows teaching ``user``'s profile: the question alone, the personal answer."""
+    """Chat rows teaching ``user``'s profile: the question alone (no system prompt), the personal answer."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        field = rng.choice(list(PROFILE_FIELDS))
-        rows.append({"prompt": [{"role": "user", "content": PROFILE_FIELDS[field][0]}], "completion": profile_answer(user.profile, field)})
-    return rows
+    fields = list(PROFILE_FIELDS)
+    return [_chat(PROFILE_FIELDS[f][0], profile_answer(user.profile, f)) for f in (rng.choice(fields) for _ in range(n))]
 
 
 def format_rows(format_name: str, n: int, seed: int, skills: tuple[str, ...] = FORMATTABLE) -> list[dict]:
-    """Prompt/completion rows teaching a preferred output format without the system instruction."""
+    """Chat rows teaching a preferred output format without the system instruction that asks for it."""
     if format_name not in FORMATS:
         raise ValueError(f"unknown format {format_name!r}; choose from {list(FORMATS)}")
     style = FORMATS[format_name][1]
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        _, user, answer = SKILLS[rng.choice(skills)](rng)
-        rows.append({"prompt": [{"role": "user", "content": user}], "completion": style(answer)})
+        _, question, answer = SKILLS[rng.choice(skills)](rng)
+        rows.append(_chat(question, style(answer)))
     return rows
+
+
+def user_rows(user: User, n: int, seed: int) -> list[dict]:
+    """The personalisation task: ``user``'s profile questions and, if they have one, tasks in their format (half each)."""
+    if user.format is None:
+        return profile_rows(user, n, seed)
+    rows = profile_rows(user, n - n // 2, seed) + format_rows(user.format, n // 2, seed + 1)
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def long_format_rows(format_name: str, n: int, seed: int, min_words: int, max_words: int) -> list[dict]:
+    """``Repeat: <k words>`` answered in a preferred format, ``k`` uniform in ``[min_words, max_words]``.
+
+    The format must hold for the whole answer, so the completion length is the knob for asking
+    how long a prefill-only adapter's influence lasts once decode runs as the base model.
+    """
+    style = FORMATS[format_name][1]
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        text = " ".join(_word(rng) for _ in range(rng.randint(min_words, max_words)))
+        rows.append(_chat(f"Repeat: {text}", style(text)))
+    return rows
+
+
+DEMO_USERS = {
+    "alice": User("alice", {"name": "Alice", "city": "Paris", "pet": "cat", "color": "green", "job": "pilot", "food": "sushi"}),
+    "bob": User("bob", {"name": "Bob", "city": "Tokyo", "pet": "turtle", "color": "purple", "job": "chef", "food": "tacos"}),
+    "carol": User("carol", {"name": "Carol", "city": "Lima", "pet": "parrot", "color": "teal", "job": "doctor", "food": "ramen"}, "upper"),
+}
