@@ -60,7 +60,7 @@ def test_bad_row_error_names_file_line_and_reason(tmp_path, tokenizer, reason):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, "", BAD_ROWS[reason]])
     with pytest.raises(DataError) as err:
         load_examples(path, tokenizer, max_length=16)
-    assert f"bad.jsonl:3: " in str(err.value) and reason in str(err.value) and "--skip_bad_rows" in str(err.value)
+    assert "bad.jsonl:3: " in str(err.value) and reason in str(err.value) and "--skip_bad_rows" in str(err.value)
 
 
 def test_skip_bad_rows_skips_and_counts(tmp_path, tokenizer):

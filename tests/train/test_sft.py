@@ -1,0 +1,114 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from preft.hf import PreftModel, generate
+from preft.train import SFTConfig, SFTTrainer, sft
+
+from .conftest import TOY_PAIRS, write_jsonl
+
+
+def toy_config(tmp_path, **kw) -> SFTConfig:
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        r=8,
+        lora_alpha=16,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    return SFTConfig(**{**base, **kw})
+
+
+def greedy(model, tokenizer, adapter):
+    prompts = [tokenizer(p)["input_ids"] for p in TOY_PAIRS]
+    out = generate(model, prompts, adapter, max_new_tokens=6, eos_token_id=tokenizer.eos_token_id)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in out.token_ids]
+
+
+@pytest.mark.parametrize("policy", ["prefill", "all"])
+def test_sft_loss_equals_hand_computed_masked_cross_entropy(tmp_path, tiny_llama, toy_sft, policy):
+    trainer = SFTTrainer(tiny_llama, toy_config(tmp_path, policy=policy, max_steps=1), toy_sft)
+    with torch.no_grad():  # a non-zero adapter, so a wrong mask would change the loss
+        for p in trainer.params:
+            p.normal_(0.0, 0.1)
+    model, name = trainer.model, trainer.name
+
+    def hand_loss(mask_policy: str) -> float:
+        total, count = 0.0, 0
+        for ex in trainer.examples:  # one row at a time, no padding
+            P, C = len(ex.prompt_ids), len(ex.completion_ids)
+            ids = torch.tensor([ex.prompt_ids + ex.completion_ids])
+            mask = torch.tensor([[1.0] * P + [0.0 if mask_policy == "prefill" else 1.0] * C])
+            with torch.no_grad():
+                logits = model(ids, adapter_mask=mask, adapter_names=name).logits[0]
+            # logits at position t predict token t + 1: completion tokens P..P+C-1 come from positions P-1..P+C-2
+            total += float(F.cross_entropy(logits[P - 1 : P + C - 1], ids[0, P:], reduction="sum"))
+            count += C
+        return total / count
+
+    expected, other = hand_loss(policy), hand_loss("all" if policy == "prefill" else "prefill")
+    assert abs(expected - other) > 1e-3  # the check below can tell the masks apart
+    loss = trainer.train().metrics[0]["loss"]
+    assert loss == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["prefill", "all"])
+def test_trained_lora_adapter_makes_reference_generations_equal_targets(tmp_path, tiny_llama, toy_sft, policy):
+    trainer = SFTTrainer(tiny_llama, toy_config(tmp_path, policy=policy, max_steps=60, target_modules=["all-linear"]), toy_sft)
+    assert greedy(trainer.model, trainer.tokenizer, None) != list(TOY_PAIRS.values())
+    result = trainer.train()
+    losses = [r["loss"] for r in result.metrics]
+    assert losses[-1] < 0.5 * losses[0]
+    assert greedy(trainer.model, trainer.tokenizer, trainer.name) == list(TOY_PAIRS.values())
+    # The saved adapter is directly servable: a fresh model loading it from disk generates the same.
+    fresh = PreftModel(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32))
+    adapter = fresh.load_adapter(str(result.adapter_path), "served")
+    assert adapter.policy == policy
+    assert greedy(fresh, trainer.tokenizer, "served") == list(TOY_PAIRS.values())
+    assert (result.output_dir / "metrics.jsonl").is_file() and result.plot_path.is_file()
+
+
+@pytest.mark.parametrize("kind", ["lora", "direft", "loreft"])
+def test_every_adapter_kind_trains_with_prefill_policy(tmp_path, tiny_qwen3, toy_sft, kind):
+    result = sft(tiny_qwen3, toy_sft, toy_config(tmp_path, adapter=kind, max_steps=25, learning_rate=2e-2))
+    losses = [r["loss"] for r in result.metrics]
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert (result.adapter_path / "adapter_model.safetensors").is_file()
+
+
+def test_eval_split_logs_eval_loss(tmp_path, tiny_llama):
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(10)]
+    data = write_jsonl(tmp_path / "add.jsonl", rows)
+    result = sft(tiny_llama, data, toy_config(tmp_path, max_steps=4, eval_split=0.2, eval_steps=2))
+    evals = [r for r in result.metrics if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_loss"] > 0 for r in evals)
+
+
+def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, tiny_llama, toy_sft):
+    # batch 2 of 4 rows (the data order matters) and dropout (the RNG state matters)
+    kw = dict(max_steps=4, save_steps=2, per_device_train_batch_size=2, lora_dropout=0.1, lr_scheduler_type="linear")
+    full = sft(tiny_llama, toy_sft, toy_config(tmp_path / "a", **kw))
+
+    class Interrupted(Exception):
+        pass
+
+    trainer = SFTTrainer(tiny_llama, toy_config(tmp_path / "b", **kw), toy_sft)
+    step = trainer.training_step
+
+    def stop_after_two():
+        if trainer.step == 2:
+            raise Interrupted
+        return step()
+
+    trainer.training_step = stop_after_two
+    with pytest.raises(Interrupted):
+        trainer.train()
+    resumed = sft(tiny_llama, toy_sft, toy_config(tmp_path / "b", resume_from_checkpoint="latest", **kw))
+    by_step = lambda res: {r["step"]: r["loss"] for r in res.metrics}  # noqa: E731
+    assert sorted(by_step(resumed)) == [1, 2, 3, 4]  # metrics.jsonl keeps the first run's rows
+    for s in (3, 4):
+        assert by_step(resumed)[s] == pytest.approx(by_step(full)[s], abs=1e-6)
+    assert by_step(full)[3] != by_step(full)[2]
