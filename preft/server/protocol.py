@@ -201,7 +201,10 @@ class UnloadAdapterRequest(BaseModel):
 
 def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None):
     """The engine's ``SamplingParams`` for one OpenAI request."""
-    from preft.engine import SamplingParams
+    try:
+        from preft.engine import SamplingParams
+    except ImportError:  # an engine build that does not re-export it
+        from preft.engine.sampler import SamplingParams
 
     return SamplingParams(
         max_tokens=max_tokens,

@@ -1,0 +1,136 @@
+"""A stand-in for ``preft.engine.LLM`` that follows the engine API contract, with no model.
+
+Each step emits one deterministic token per running request (a hash of prompt, adapter and
+position), so server plumbing can be tested fast and exactly. The required tests use the real
+engine; this one only checks the server's own bookkeeping (threads, queues, aborts, unloads).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer
+
+from preft.adapters import load_adapter
+from preft.engine.sampler import SamplingParams
+from preft.errors import PreftError
+
+
+class AdapterInUseError(PreftError):
+    pass
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    kind: str
+    policy: str
+    rank: int
+    path: str | None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Request:
+    prompt: list[int]
+    params: SamplingParams
+    adapter: str | None
+    tokens: list[int] = field(default_factory=list)
+
+
+class FakeEngine:
+    def __init__(self, tokenizer, model_config, max_model_len: int, max_tokens_per_step: int = 1):
+        self.tokenizer, self.model_config, self.max_model_len = tokenizer, model_config, max_model_len
+        self.requests: dict[str, _Request] = {}
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.gate = None  # a threading.Event: until it is set, step() makes no progress (tests hold requests in flight)
+
+    def add_request(self, request_id, prompt, params, adapter=None):
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if len(ids) >= self.max_model_len:
+            raise PreftError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
+        if adapter is not None and adapter not in self.adapters:
+            raise PreftError(f"unknown adapter {adapter!r}")
+        self.requests[request_id] = _Request(ids, params, adapter)
+
+    def step(self):
+        if self.gate is not None and not self.gate.wait(timeout=0.002):
+            return []  # held: the engine thread keeps serving commands between steps
+        outputs = []
+        for request_id, r in list(self.requests.items()):
+            r.tokens.append(next_token(r.prompt, r.adapter, len(r.tokens)))
+            done = len(r.tokens) >= r.params.max_tokens
+            text = self.tokenizer.decode(r.tokens)
+            outputs.append(
+                RequestOutput(
+                    request_id, r.prompt, [CompletionOutput(0, r.tokens, text, "length" if done else None, None, r.tokens[-1:])], done
+                )
+            )
+            if done:
+                del self.requests[request_id]
+        return outputs
+
+    def abort_request(self, request_id):
+        self.requests.pop(request_id, None)
+
+    def has_unfinished_requests(self):
+        return bool(self.requests)
+
+    def stats(self):
+        return dict(
+            num_running=len(self.requests),
+            num_waiting=0,
+            kv_blocks_used=len(self.requests),
+            kv_blocks_total=64,
+            adapter_slots_used=0,
+            adapter_slots_total=8,
+        )
+
+    def add_adapter(self, name, path, policy=None):
+        adapter = load_adapter(path, policy=policy, model_config=self.model_config)
+        self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path))
+        return self.adapters[name]
+
+    def remove_adapter(self, name):
+        users = [rid for rid, r in self.requests.items() if r.adapter == name]
+        if users:
+            raise AdapterInUseError(f"adapter {name!r} is used by {users}")
+        del self.adapters[name]
+
+    def list_adapters(self):
+        return list(self.adapters.values())
+
+
+def next_token(prompt: list[int], adapter: str | None, position: int) -> int:
+    return 5 + zlib.crc32(f"{prompt}|{adapter}|{position}".encode()) % 256
+
+
+class FakeLLM:
+    def __init__(self, model_dir: str | Path, max_model_len: int = 256, **_):
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model_name = Path(model_dir).name
+        self.max_model_len = max_model_len
+        self.engine = FakeEngine(self.tokenizer, AutoConfig.from_pretrained(model_dir), max_model_len)
+
+    def add_adapter(self, name, path, policy=None):
+        return self.engine.add_adapter(name, path, policy)
