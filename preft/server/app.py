@@ -246,9 +246,10 @@ class Routes:
                 if not text and not tokens and completion.finish_reason is None:
                     return []
                 lp = self.completion_logprobs(tokens, logprobs) if logprobs is not None else None
-                return [
-                    {"choices": [{"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}]}
-                ]
+                choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}
+                if body.return_token_ids:
+                    choice["token_ids"] = list(tokens)
+                return [{"choices": [choice]}]
 
             return StreamingResponse(self.stream(sink, choices, chunks, body.include_usage(), header), media_type="text/event-stream")
 
@@ -257,14 +258,15 @@ class Routes:
         for update in (choices.latest[rid] for rid in request_ids):
             for c in update.outputs:
                 lp = self.completion_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else None
-                out.append(
-                    {
-                        "index": choices.choice_index(update, c.index),
-                        "text": c.text,
-                        "logprobs": lp,
-                        "finish_reason": _finish_reason(c.finish_reason),
-                    }
-                )
+                choice = {
+                    "index": choices.choice_index(update, c.index),
+                    "text": c.text,
+                    "logprobs": lp,
+                    "finish_reason": _finish_reason(c.finish_reason),
+                }
+                if body.return_token_ids:
+                    choice.update(token_ids=list(c.token_ids), prompt_token_ids=list(update.prompt_token_ids))
+                out.append(choice)
         return {**header, "choices": sorted(out, key=lambda c: c["index"]), "usage": choices.usage()}
 
     def completion_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...]) -> dict:
@@ -327,13 +329,10 @@ class Routes:
                 if text or tokens or completion.finish_reason is not None:
                     delta = {"content": text} if text or completion.finish_reason is None else {}
                     lp = self.chat_logprobs(tokens, logprobs, top) if logprobs is not None else None
-                    out.append(
-                        {
-                            "choices": [
-                                {"index": index, "delta": delta, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}
-                            ]
-                        }
-                    )
+                    choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}
+                    if body.return_token_ids:
+                        choice["token_ids"] = list(tokens)
+                    out.append({"choices": [choice]})
                 return out
 
             return StreamingResponse(self.stream(sink, choices, chunks, body.include_usage(), header), media_type="text/event-stream")
@@ -346,6 +345,7 @@ class Routes:
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, top) if c.logprobs is not None else None,
                 "finish_reason": _finish_reason(c.finish_reason),
+                **({"token_ids": list(c.token_ids), "prompt_token_ids": list(update.prompt_token_ids)} if body.return_token_ids else {}),
             }
             for c in sorted(update.outputs, key=lambda c: c.index)
         ]

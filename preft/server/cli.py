@@ -78,9 +78,10 @@ def build_state(args: argparse.Namespace):
     from preft.server.engine_loop import EngineLoop
 
     adapters: dict[str, tuple[str, str | None]] = {}
+    default_name = None
     if args.model_dir is None:
         default = default_model()
-        model_dir = default.model_dir
+        model_dir, default_name = default.model_dir, default.name
         logger.info("no MODEL_DIR given: serving %s", default.description)
         if not args.no_default_adapters:
             adapters.update({name: (str(path), policy) for name, (path, policy) in default.adapters.items()})
@@ -105,7 +106,7 @@ def build_state(args: argparse.Namespace):
         max_model_len=args.max_model_len,
         use_cuda_graphs=not args.enforce_eager,
     )
-    model_name = args.served_model_name or llm.model_name
+    model_name = args.served_model_name or default_name or args.model_dir
     for name, (path, policy) in adapters.items():
         if name == model_name:
             raise ValueError(f"--adapter name {name!r} is the base model's name; choose another")

@@ -22,6 +22,7 @@ CONFIG_FILE = "adapter_config.json"
 @dataclass
 class DefaultModel:
     model_dir: Path
+    name: str  # the base model's name in the API
     adapters: dict[str, tuple[Path, str | None]]  # name -> (path, policy override)
     description: str
 
@@ -37,7 +38,7 @@ def default_model() -> DefaultModel:
     if (base / "config.json").is_file():
         root = ASSETS / "adapters"
         adapters = {d.name: (d, None) for d in sorted(root.iterdir()) if (d / CONFIG_FILE).is_file()} if root.is_dir() else {}
-        return DefaultModel(base, adapters, f"the built-in base model ({base})")
+        return DefaultModel(base, "preft-base", adapters, f"the built-in base model ({base})")
     model_dir, adapters = tiny_fallback(cache_dir() / "tiny-llama")
     return DefaultModel(
         model_dir,

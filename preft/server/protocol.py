@@ -65,6 +65,7 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    return_token_ids: bool = False  # vLLM extra: token ids of prompt and completion in each choice
 
     @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty")
     @classmethod
