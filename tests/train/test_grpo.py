@@ -1,0 +1,106 @@
+import pytest
+import torch
+
+from preft.train import GRPOConfig, GRPOTrainer, token_logprobs
+from preft.train.data import collate
+from preft.train.grpo import clipped_token_loss, group_advantages, k3_kl
+
+from .conftest import write_jsonl
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p, "answer": "x"} for p in ["ab", "hello", "xyz=", "42"]])
+
+
+def grpo_config(tmp_path, **kw) -> GRPOConfig:
+    base = dict(
+        output_dir=str(tmp_path / "grpo"),
+        r=8,
+        lora_alpha=16,
+        learning_rate=5e-2,
+        num_generations=8,
+        per_device_train_batch_size=16,
+        max_completion_length=2,
+        max_prompt_length=32,
+        reward_funcs=["regex:^[a-z]"],  # toy verifiable task: start with a lowercase letter (about 10% at random)
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+    )
+    return GRPOConfig(**{**base, **kw})
+
+
+def test_advantages_are_zero_for_groups_with_equal_rewards():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.3, 0.3, 0.3, 0.3])
+    adv = group_advantages(rewards, 4)
+    assert torch.equal(adv[:4], torch.zeros(4)) and torch.equal(adv[8:], torch.zeros(4))
+    std = torch.tensor([0.0, 1.0, 0.0, 1.0]).std()
+    assert torch.allclose(adv[4:8], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert torch.equal(group_advantages(rewards, 4, scale=False)[4:8], torch.tensor([-0.5, 0.5, -0.5, 0.5]))
+
+
+def test_clipped_loss_uses_the_asymmetric_clip_range():
+    ratio = torch.tensor([[1.25], [1.3], [0.7], [0.7]])  # four rows of one token each
+    adv = torch.tensor([1.0, 1.0, -1.0, 1.0])
+    loss, clipped = clipped_token_loss(ratio.log(), torch.zeros_like(ratio), adv, 0.2, 0.28)
+    # 1.25 < 1 + 0.28: unclipped; 1.3 clips to 1.28; A < 0 and ratio 0.7 clips to 0.8; A > 0 keeps the smaller 0.7
+    assert torch.allclose(loss, torch.tensor([[-1.25], [-1.28], [0.8], [-0.7]]))
+    assert clipped.squeeze(1).tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert k3_kl(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0 and k3_kl(torch.tensor([-1.0]), torch.tensor([-2.0])).item() > 0
+
+
+@pytest.mark.parametrize("policy,kind", [("prefill", "lora"), ("all", "lora"), ("prefill", "direft")])
+def test_rollout_logprobs_equal_training_logprobs_at_step_0(tmp_path, tiny_llama, prompts, policy, kind):
+    cfg = grpo_config(tmp_path, policy=policy, adapter=kind, temperature=0.7, max_completion_length=6, max_steps=1)
+    trainer = GRPOTrainer(tiny_llama, cfg, prompts)
+    with torch.no_grad():  # a non-zero adapter, so the mask matters
+        for p in trainer.params:
+            p.normal_(0.0, 0.1)
+    rollout = trainer.rollout(0)
+    mask = rollout.batch.completion_mask
+    with torch.no_grad():
+        train_logp = token_logprobs(trainer.model, rollout.batch, trainer.name, cfg.temperature)
+    tol = 1e-5  # float32 on CPU: only rounding differs (left-padded incremental decode vs one right-padded forward)
+    assert ((train_logp - rollout.rollout_logp).abs() * mask).max() <= tol
+    # The check is sensitive: the other policy's mask gives different log-probs.
+    wrong = collate(
+        [
+            (r[:n], r[n:m])
+            for r, n, m in zip(rollout.batch.input_ids.tolist(), (mask.argmax(1)).tolist(), (rollout.batch.attention_mask.sum(1)).tolist())
+        ],
+        "all" if policy == "prefill" else "prefill",
+        0,
+    )
+    with torch.no_grad():
+        wrong_logp = token_logprobs(trainer.model, wrong, trainer.name, cfg.temperature)
+    assert ((wrong_logp - rollout.rollout_logp).abs() * mask).max() > 1e-3
+    # The trainer logs the same check on every step.
+    assert trainer.train().metrics[0]["rollout_logprob_max_abs_diff"] <= tol
+
+
+def test_grpo_raises_mean_reward_for_the_prefill_policy(tmp_path, tiny_llama, prompts):
+    result = GRPOTrainer(tiny_llama, grpo_config(tmp_path, policy="prefill", max_steps=40, seed=0), prompts).train()
+    rewards = [r["reward"] for r in result.metrics]
+    assert len(rewards) == 40
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
+    assert last > first + 0.15, rewards
+    assert result.plot_path.name == "curves.png" and result.plot_path.is_file()
+    assert max(r["rollout_logprob_max_abs_diff"] for r in result.metrics) <= 1e-5
+
+
+def test_kl_to_the_base_starts_at_zero_and_grows(tmp_path, tiny_llama, prompts):
+    result = GRPOTrainer(tiny_llama, grpo_config(tmp_path, beta=0.1, max_steps=4), prompts).train()
+    kls = [r["kl"] for r in result.metrics]
+    assert kls[0] == pytest.approx(0.0, abs=1e-7)  # LoRA starts as the identity (B = 0)
+    assert kls[-1] > 1e-6
+
+
+def test_num_iterations_reuses_rollouts_and_activates_the_clip(tmp_path, tiny_llama, prompts):
+    cfg = grpo_config(tmp_path, num_iterations=3, epsilon=0.01, max_steps=3, learning_rate=5e-2)
+    result = GRPOTrainer(tiny_llama, cfg, prompts).train()
+    assert max(r["clip_ratio"] for r in result.metrics) > 0  # later passes move away from the rollout policy
+
+
+def test_batch_size_must_be_a_multiple_of_num_generations(tmp_path):
+    with pytest.raises(ValueError, match="multiple of --num_generations 8"):
+        grpo_config(tmp_path, per_device_train_batch_size=12)
