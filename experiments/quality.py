@@ -246,51 +246,65 @@ def plot_length(result: dict, path: Path) -> None:
 
 
 def run_grpo(args: argparse.Namespace) -> dict:
-    try:
-        from preft.train import GRPOConfig, grpo  # noqa: F401  (written by the training engineer)
-    except ImportError as e:
-        raise SystemExit(f"preft.train has no GRPO trainer in this checkout ({e}); the GRPO study cannot run") from None
+    """GRPO with exact-match reward on arithmetic, LoRA ``all`` vs ``prefill``: reward curves and held-out greedy accuracy."""
     from experiments.common import write_jsonl
+    from preft.train import GRPOConfig
+    from preft.train.grpo import GRPOTrainer
 
-    prompts = [{"prompt": p, "answer": a} for p, a in zip(*_arith(args.train_rows))]
-    data = write_jsonl(prompts, args.work / "grpo/train.jsonl")
+    model, tokenizer = load_base(args.base)
+    prompts, answers = split_rows(synthetic.instruction_corpus(args.train_rows, seed=3, skills=args.grpo_skills))
+    data = write_jsonl([{"messages": p, "answer": a} for p, a in zip(prompts, answers)], args.work / "grpo/prompts.jsonl")
+    test_prompts, test_answers = split_rows(synthetic.instruction_corpus(args.eval_rows, seed=4, skills=args.grpo_skills))
+    base_exact = statistics.fmean(a == b for a, b in zip(greedy_answers(model, tokenizer, test_prompts, None), test_answers))
     runs = []
-    for policy in ("all", "prefill"):
-        for seed in args.seeds:
+    rank = args.ranks[0]
+    for method in args.methods:
+        kind, policy = METHODS[method]
+        for seed in tqdm(args.seeds, desc=f"grpo {method}"):
+            fields = adapter_fields(kind, policy, rank, args.lr, args.steps, args.num_generations * args.grpo_prompts, seed)
             config = GRPOConfig(
-                output_dir=str(args.work / f"grpo/{policy}-s{seed}"), adapter="lora", policy=policy, r=args.ranks[0], lora_alpha=2.0 * args.ranks[0],
-                learning_rate=args.lr, max_steps=args.steps, seed=seed, device="cpu", bf16=False, disable_tqdm=True, reward_funcs=["exact"],
-                num_generations=8, per_device_train_batch_size=16, max_completion_length=8,
+                output_dir=str(args.work / f"grpo/{method}-s{seed}"), adapter_name="study", device="cpu", bf16=False, disable_tqdm=True,
+                reward_funcs=["exact"], num_generations=args.num_generations, max_completion_length=args.grpo_max_tokens, temperature=1.0, **fields,
             )  # fmt: skip
-            result = grpo(args.base, str(data), config)
-            runs.append(dict(policy=policy, seed=seed, reward=[(m["step"], m["reward"]) for m in result.metrics if "reward" in m]))
-    return {"study": "grpo", "task": "two-digit addition, exact-match reward", "runs": runs}
-
-
-def _arith(n: int) -> tuple[list[list[dict]], list[str]]:
-    rows = synthetic.instruction_corpus(n, seed=3, skills=["add"])
-    return split_rows(rows)
+            result = GRPOTrainer(args.base, config, data, model=model, tokenizer=tokenizer).train()
+            got = greedy_answers(model, tokenizer, test_prompts, "study")
+            model.remove_adapter("study")
+            reward = [(m["step"], m["reward"]) for m in result.metrics if "reward" in m]
+            exact = statistics.fmean(a == b for a, b in zip(got, test_answers))
+            runs.append(dict(method=method, policy=policy, rank=rank, seed=seed, reward=reward, heldout_exact=exact))
+            tqdm.write(
+                f"{method} seed={seed}: last-10 reward {statistics.fmean(v for _, v in reward[-10:]):.3f}, held-out exact {exact:.3f}"
+            )
+    return {"study": "grpo", "task": f"{'/'.join(args.grpo_skills)}, exact-match reward", "base_heldout_exact": base_exact, "runs": runs}
 
 
 def grpo_table(result: dict) -> str:
-    lines = ["| policy | first-10-step reward | last-10-step reward |", "|---|---|---|"]
-    for policy in ("all", "prefill"):
-        curves = [[v for _, v in r["reward"]] for r in result["runs"] if r["policy"] == policy]
-        first = statistics.fmean(statistics.fmean(c[:10]) for c in curves)
-        last = statistics.fmean(statistics.fmean(c[-10:]) for c in curves)
-        lines.append(f"| {policy} | {first:.3f} | {last:.3f} |")
+    lines = ["| method | reward, first 10 steps | reward, last 10 steps | held-out greedy exact |", "|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in result["runs"]):
+        runs = [r for r in result["runs"] if r["method"] == method]
+        first = mean_and_spread([statistics.fmean(v for _, v in r["reward"][:10]) for r in runs])
+        last = mean_and_spread([statistics.fmean(v for _, v in r["reward"][-10:]) for r in runs])
+        exact = mean_and_spread([r["heldout_exact"] for r in runs])
+        lines.append(f"| {method} | {first[0]:.3f} ± {first[1]:.3f} | {last[0]:.3f} ± {last[1]:.3f} | {exact[0]:.3f} ± {exact[1]:.3f} |")
+    lines.append(f"\nBase model, no adapter: held-out greedy exact {result['base_heldout_exact']:.3f}.")
     return "\n".join(lines)
 
 
 def plot_grpo(result: dict, path: Path) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
+    colors: dict[str, str] = {}
     for r in result["runs"]:
         steps, reward = zip(*r["reward"])
-        ax.plot(steps, reward, "-" if r["policy"] == "all" else "--", label=f"{r['policy']} seed {r['seed']}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
-    ax.legend()
+        window = 10  # running mean: single-step rewards of a small group are noisy
+        smooth = [statistics.fmean(reward[max(0, i - window + 1) : i + 1]) for i in range(len(reward))]
+        color = colors.setdefault(r["method"], f"C{len(colors)}")
+        ax.plot(steps, smooth, "-" if r["policy"] == "all" else "--", color=color, label=f"{r['method']} seed {r['seed']}")
+    ax.axhline(result["base_heldout_exact"], color="grey", lw=0.8, ls=":", label="base greedy exact")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel("mean reward (running mean of 10 steps)")
+    ax.set_title(f"GRPO: all-token vs prefill-only ({result['task']})")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -332,6 +346,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-words", type=int, default=12, help="length study: longest answer in words")
     p.add_argument("--max-positions", type=int, default=96, help="length study: completion positions scored")
     p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt")
+    p.add_argument("--grpo-prompts", type=int, default=2, help="GRPO: prompts per step")
+    p.add_argument("--grpo-max-tokens", type=int, default=8, help="GRPO: longest sampled completion")
+    p.add_argument("--grpo-skills", nargs="+", default=["add"], choices=list(synthetic.SKILLS), help="GRPO: task skills")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     defaults = {"sft": (list(METHODS), [1, 4, 16, 64]), "length": (["LoRA", "LoRA-P"], [4, 16]), "grpo": (["LoRA", "LoRA-P"], [8])}

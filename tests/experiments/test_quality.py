@@ -53,3 +53,14 @@ def test_position_nll_prefill_equals_all_on_the_first_answer_token_only(tiny_che
     assert pre_sum[0] == pytest.approx(all_sum[0], rel=1e-5)
     assert pre_sum[0] != pytest.approx(base_sum[0], rel=1e-3)
     assert all(p != pytest.approx(a, rel=1e-3) for p, a in zip(pre_sum[1:], all_sum[1:]))
+
+
+def test_grpo_study_smoke_records_a_reward_curve_per_policy(tiny_checkpoint, tmp_path):
+    argv = ["grpo", "--base", str(tiny_checkpoint("llama")), "--out", str(tmp_path), "--seeds", "0", "--steps", "3", "--train-rows", "8"]
+    argv += ["--eval-rows", "4", "--num-generations", "2", "--grpo-prompts", "1", "--grpo-max-tokens", "3"]
+    assert quality.main(argv) == 0
+    result = json.loads((tmp_path / "grpo.json").read_text())
+    assert {r["policy"] for r in result["runs"]} == {"all", "prefill"}
+    for run in result["runs"]:
+        assert [s for s, _ in run["reward"]] == [1, 2, 3] and all(0.0 <= v <= 1.0 for _, v in run["reward"])
+    assert (tmp_path / "grpo.png").stat().st_size > 1000
