@@ -1,0 +1,136 @@
+"""``preft bench``: base vs multi-LoRA vs PreFT throughput, side by side in one run.
+
+Example (a CI-sized CPU run)::
+
+    preft bench --model tiny --num-adapters 1,8 --num-requests 16 --prompt-len 16 --output-len 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from preft.bench.throughput import MODES, BenchConfig
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,8,64,512, got {text!r}") from None
+
+
+def _modules(text: str) -> list[str] | str:
+    return "all-linear" if text == "all-linear" else [m for m in text.split(",") if m]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchConfig()
+    parser.add_argument(
+        "--model", default=d.model, help="checkpoint directory, or a named shape with random weights: tiny, qwen2.5-0.5b, llama-3.1-8b"
+    )
+    parser.add_argument("--modes", default=",".join(d.modes), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--num-adapters", type=_int_list, default=d.num_adapters, help="sweep of adapter counts (default 1,8,64,512)")
+    parser.add_argument("--rank", type=int, default=d.rank, help="rank of every adapter (LoRA and ReFT)")
+    parser.add_argument("--target-modules", type=_modules, default=d.target_modules, help="LoRA modules, comma-separated, or all-linear")
+    parser.add_argument("--popularity", choices=["uniform", "zipf"], default=d.popularity, help="how requests pick adapters")
+    parser.add_argument("--zipf-s", type=float, default=d.zipf_s, help="Zipf exponent for --popularity zipf")
+    parser.add_argument("--prompt-len", default=d.prompt_len, help="prompt tokens: N or LOW-HIGH (uniform)")
+    parser.add_argument("--output-len", default=d.output_len, help="output tokens (fixed, ignore_eos): N or LOW-HIGH (uniform)")
+    parser.add_argument("--num-requests", type=int, default=d.num_requests)
+    parser.add_argument(
+        "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf: offline, all at once)"
+    )
+    parser.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    parser.add_argument(
+        "--max-adapter-slots", type=int, default=None, help="device adapter slots (default: min(max-num-seqs, most adapters))"
+    )
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
+    parser.add_argument(
+        "--peer", choices=["auto", "on", "off"], default="auto", help="transformers+PEFT peer (auto: on CUDA when peft is installed)"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--cache-dir", default=None, help="where named shapes are built (default ~/.cache/preft/bench-models)")
+    parser.add_argument("--output-dir", default=None, help="default benchmarks/results/<device>-<date>/")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(
+        model=args.model,
+        modes=[m for m in args.modes.split(",") if m],
+        num_adapters=args.num_adapters,
+        rank=args.rank,
+        target_modules=args.target_modules,
+        popularity=args.popularity,
+        zipf_s=args.zipf_s,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        num_requests=args.num_requests,
+        request_rate=args.request_rate,
+        dtype=args.dtype,
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_adapter_slots=args.max_adapter_slots,
+        enable_prefix_caching=not args.no_prefix_caching,
+        use_cuda_graphs=not args.no_cuda_graphs,
+        warmup_requests=args.warmup_requests,
+        repeats=args.repeats,
+        seed=args.seed,
+    )
+
+
+def run_benchmark(cfg: BenchConfig, peer: str = "auto", cache_dir: str | None = None, output_dir: str | None = None) -> tuple[dict, str]:
+    """Build the model, run the sweep, write JSON + PNG; returns the results and the printed table."""
+    from transformers import AutoConfig
+
+    from preft.bench.peer import make_peft_peer, peft_available
+    from preft.bench.report import environment, format_table, results_paths, write_results
+    from preft.bench.shapes import resolve_model
+    from preft.bench.stats import parse_lengths
+    from preft.bench.throughput import run_sweep
+    from preft.engine import LLM
+
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    build_dtype = torch.float32 if cfg.dtype == "float32" or device.type == "cpu" else getattr(torch, cfg.dtype, torch.bfloat16)
+    model_dir = resolve_model(cfg.model, cache_dir, build_dtype)
+    model_config = AutoConfig.from_pretrained(model_dir)
+    max_len = parse_lengths(cfg.prompt_len)[1] + parse_lengths(cfg.output_len)[1] + 1
+    llm = LLM(
+        model_dir,
+        dtype=cfg.dtype,
+        device=str(device),
+        max_adapter_slots=cfg.adapter_slots,
+        max_cpu_adapters=max(64, 4 * max(cfg.num_adapters)),
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=max(cfg.max_num_batched_tokens, max_len),
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        max_model_len=max_len,
+        use_cuda_graphs=cfg.use_cuda_graphs,
+    )
+    dtype = getattr(llm.engine, "dtype", build_dtype)
+    use_peer = peer == "on" or (peer == "auto" and device.type == "cuda" and peft_available())
+    peer_fn = make_peft_peer(model_dir, cfg, model_config, dtype, device) if use_peer else None
+    results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device, peer=peer_fn)
+    results["environment"] = {**environment(device), "model_dir": str(model_dir), "dtype": str(dtype).removeprefix("torch.")}
+    json_path, png_path = results_paths(output_dir, cfg.model, device)
+    results["files"] = {"json": str(json_path), "png": str(png_path)}
+    table = format_table(results)
+    write_results(
+        results, json_path, png_path, f"{cfg.model} on {results['environment']['device_name']} ({results['environment']['dtype']})"
+    )
+    return results, table
+
+
+def run(args: argparse.Namespace) -> int:
+    results, table = run_benchmark(config_from_args(args), peer=args.peer, cache_dir=args.cache_dir, output_dir=args.output_dir)
+    print(table)
+    print(f"wrote {results['files']['json']} and {results['files']['png']}")
+    return 0

@@ -1,0 +1,97 @@
+"""Models to benchmark: a local checkpoint, or a named shape built with random weights.
+
+Throughput does not depend on weight values (outputs have fixed lengths), so a real model's shape
+is enough: its config below is written down from the published ``config.json``; no download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+# model_type + the fields that fix the cost of a forward pass (from the models' config.json).
+NAMED_SHAPES: dict[str, dict] = {
+    "tiny": dict(model_type="llama"),  # preft.tiny.TINY_SHAPE, built by build_tiny_checkpoint
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "preft" / "bench-models"
+
+
+def resolve_model(model: str, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A checkpoint directory for ``model``: a local directory as is, or a named shape built once and cached."""
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"--model {model!r} is a directory without config.json; give a Hugging Face checkpoint directory")
+        return path
+    if model not in NAMED_SHAPES:
+        raise ValueError(f"--model {model!r} is neither a directory nor a named shape; choose one of {sorted(NAMED_SHAPES)} or a path")
+    dtype_name = str(dtype).removeprefix("torch.")
+    target = Path(cache_dir or default_cache_dir()) / f"{model}-{dtype_name}"
+    if (target / "model-ready").exists():
+        return target
+    build_random_checkpoint(target, model, dtype)
+    (target / "model-ready").write_text(json.dumps(NAMED_SHAPES[model]))
+    return target
+
+
+def build_random_checkpoint(path: Path, shape: str, dtype: torch.dtype) -> Path:
+    """Write a random-weight checkpoint of a named shape (config, safetensors, byte-level tokenizer)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from preft.tiny import build_tiny_checkpoint, build_tokenizer
+
+    if shape == "tiny":
+        return build_tiny_checkpoint(path, "llama", dtype=torch.float32)
+    fields = dict(NAMED_SHAPES[shape])
+    family = fields.pop("model_type")
+    tokenizer = build_tokenizer()  # prompts use byte ids (< 261), valid in any of these vocabularies
+    config = AutoConfig.for_model(family, bos_token_id=1, eos_token_id=2, pad_token_id=0, **fields)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for p in tqdm(list(model.parameters()), desc=f"random weights for {shape}", unit="tensor"):
+            if p.dim() > 1:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
