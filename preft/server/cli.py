@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -169,9 +170,13 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)  # handles SIGINT and SIGTERM: stop accepting, finish, then lifespan shutdown
+    # uvicorn re-raises the signal it shut down on; these handlers make that a clean exit with status 0.
+    received: list[str] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: received.append(signal.Signals(signum).name))
     try:
         server.run()
     finally:
         state.engine_loop.shutdown()
-    logger.info("preft serve: stopped")
+    logger.info("preft serve: stopped%s", f" on {received[0]}" if received else "")
     return 0 if server.started else 1

@@ -42,6 +42,7 @@ def default_model() -> DefaultModel:
     model_dir, adapters = tiny_fallback(cache_dir() / "tiny-llama")
     return DefaultModel(
         model_dir,
+        "tiny-llama",
         adapters,
         f"a tiny RANDOM llama built on the spot ({model_dir}): outputs are noise; install the built-in assets for a real model",
     )

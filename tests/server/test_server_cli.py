@@ -1,0 +1,63 @@
+"""``preft serve`` with no arguments (the README's main-job command) in a subprocess: starts, answers, stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+from server_helpers import free_port, wait_until
+
+from preft.server.cli import parse_adapter_flag
+
+
+def test_adapter_flag_parses_name_path_and_optional_policy():
+    assert parse_adapter_flag("alice=/a/b") == ("alice", "/a/b", None)
+    assert parse_adapter_flag("bob=/a/b:all") == ("bob", "/a/b", "all")
+    assert parse_adapter_flag("c=C:/x/y:prefill") == ("c", "C:/x/y", "prefill")
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_adapter_flag("/no/name")
+
+
+def start(cache, port):
+    env = {**os.environ, "PREFT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "preft.cli", "serve", "--port", str(port), "--num-kv-blocks", "64", "--dtype", "float32"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def healthy(url, process) -> bool:
+    if process.poll() is not None:
+        return True  # exited: let the caller see why
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_preft_serve_with_no_model_starts_answers_and_exits_cleanly(tmp_path_factory, sig):
+    cache = tmp_path_factory.getbasetemp() / "preft-cache"  # shared by both runs: the second reuses the built model
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start(cache, port)
+    try:
+        wait_until(lambda: healthy(url, process), timeout=180, what="preft serve to become healthy")
+        assert process.poll() is None, process.stdout.read()
+        models = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert {"tiny-llama", "lora-prefill", "lora-all", "direft-prefill", "loreft-prefill"} <= set(models)
+        for model in ("tiny-llama", "lora-prefill"):
+            response = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}, timeout=60)
+            assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+        process.send_signal(sig)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    log = process.stdout.read()
+    assert code == 0, log
+    assert "no MODEL_DIR given: serving a tiny RANDOM llama" in log and "KV cache: 64 blocks" in log
+    assert "lora-prefill: lora r=8 policy=prefill" in log and "preft serve: stopped" in log
+    assert "Traceback" not in log
