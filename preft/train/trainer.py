@@ -162,9 +162,10 @@ class AdapterTrainer:
         bar = tqdm(total=total, initial=self.step, disable=cfg.disable_tqdm, desc=f"{type(self).__name__} {cfg.adapter}-{cfg.policy}")
         while self.step < total:
             self.set_train(True)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             logs = self.training_step()
             self.step += 1
-            logs["lr"] = self.scheduler.get_last_lr()[0]
+            logs["lr"] = lr
             if self.eval_due() or self.step == total:
                 self.set_train(False)
                 logs.update(self.evaluate())

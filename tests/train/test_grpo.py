@@ -104,3 +104,16 @@ def test_num_iterations_reuses_rollouts_and_activates_the_clip(tmp_path, tiny_ll
 def test_batch_size_must_be_a_multiple_of_num_generations(tmp_path):
     with pytest.raises(ValueError, match="multiple of --num_generations 8"):
         grpo_config(tmp_path, per_device_train_batch_size=12)
+
+
+def test_grpo_resume_continues_identically(tmp_path, tiny_llama, prompts):
+    kw = dict(max_steps=4, save_steps=2, lora_dropout=0.1, lr_scheduler_type="linear")
+    full = GRPOTrainer(tiny_llama, grpo_config(tmp_path / "a", **kw), prompts).train()
+    first = GRPOTrainer(tiny_llama, grpo_config(tmp_path / "b", **kw), prompts)
+    step = first.training_step
+    first.training_step = lambda: (_ for _ in ()).throw(KeyboardInterrupt) if first.step == 2 else step()
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    resumed = GRPOTrainer(tiny_llama, grpo_config(tmp_path / "b", resume_from_checkpoint="latest", **kw), prompts).train()
+    for key in ("loss", "reward", "grad_norm"):
+        assert [r[key] for r in resumed.metrics] == pytest.approx([r[key] for r in full.metrics], abs=1e-6), key

@@ -112,3 +112,22 @@ def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path, tin
     for s in (3, 4):
         assert by_step(resumed)[s] == pytest.approx(by_step(full)[s], abs=1e-6)
     assert by_step(full)[3] != by_step(full)[2]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_llama):
+    # Completions of 2, 8, 3 and 5 tokens: any split into two micro-batches has unequal token counts,
+    # so normalising each micro-batch by its own count would weight tokens differently.
+    rows = [{"prompt": "p1", "completion": "a"}, {"prompt": "p2", "completion": "bbbbbbb"}, {"prompt": "p3", "completion": "cc"}]
+    data = write_jsonl(tmp_path / "uneven.jsonl", [*rows, {"prompt": "p4", "completion": "dddd"}])
+    kw = dict(max_steps=1, learning_rate=1e-2, max_grad_norm=0.0)
+    big = SFTTrainer(tiny_llama, toy_config(tmp_path / "big", per_device_train_batch_size=4, **kw), data)
+    small = SFTTrainer(tiny_llama, toy_config(tmp_path / "small", per_device_train_batch_size=2, gradient_accumulation_steps=2, **kw), data)
+    grads = {}
+    for name, trainer in (("big", big), ("small", small)):
+        step = trainer.optimizer_step
+        trainer.optimizer_step = lambda t=trainer, n=name, step=step: grads.setdefault(n, [p.grad.clone() for p in t.params]) and step()
+    loss_big, loss_small = big.train().metrics[0]["loss"], small.train().metrics[0]["loss"]
+    assert loss_big == pytest.approx(loss_small, abs=1e-6)
+    assert any(float(g.abs().max()) > 1e-3 for g in grads["big"])
+    for a, b in zip(grads["big"], grads["small"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
