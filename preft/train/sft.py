@@ -18,7 +18,7 @@ import torch
 
 from preft.hf import PreftModel
 from preft.train.config import SFTConfig
-from preft.train.data import Batch, Example, collate, load_examples
+from preft.train.data import Batch, DataError, Example, collate, load_examples
 from preft.train.trainer import AdapterTrainer, TrainResult, ordered_batches, token_logprobs
 
 
@@ -55,6 +55,8 @@ class SFTTrainer(AdapterTrainer):
             held = set(order[:n_eval])
             self.eval_examples = [e for i, e in enumerate(examples) if i in held]
             examples = [e for i, e in enumerate(examples) if i not in held]
+        if not examples:
+            raise DataError(f"{train_dataset}: no training rows left after holding out --eval_split {config.eval_split}")
         self.examples = examples
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         print(f"preft train sft: {train_dataset}: {report.summary()}; {len(self.eval_examples)} eval rows")
