@@ -136,7 +136,7 @@ def summary(state, args: argparse.Namespace) -> str:
     kv_tokens = kv_blocks * block_size if isinstance(kv_blocks, int) else "?"
     lines = [
         f"preft serve: model {state.model_name!r} from {state.model_dir}",
-        f"  dtype {getattr(llm, 'dtype', args.dtype)}, device {getattr(llm, 'device', args.device or 'auto')}, context {state.max_model_len} tokens",
+        f"  dtype {str(getattr(llm.engine, 'dtype', args.dtype)).replace('torch.', '')}, device {getattr(llm.engine, 'device', args.device or 'auto')}, context {state.max_model_len} tokens",
         f"  KV cache: {kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens; adapter slots {stats.get('adapter_slots_total', args.max_adapter_slots)}, host cache {args.max_cpu_adapters}",
     ]
     infos = sorted(state.engine_loop.adapters().values(), key=lambda i: i.name)

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 from conftest import ADAPTERS
-from server_helpers import ServerThread
+from server_helpers import ServerThread, wait_until
 
 from preft.engine import LLM, SamplingParams
 
@@ -281,3 +281,15 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert sum(v for k, v in values.items() if k.startswith("preft_requests_total")) >= 1
     assert values["preft_kv_blocks_used"] == 0 and values["preft_adapter_slots_total"] == 4 and values["preft_num_requests_running"] == 0
     assert "preft_cpu_adapter_cache_hits_total" in values and "preft_cpu_adapter_cache_misses_total" in values
+
+
+def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks_and_slot(server):
+    aborted_before = server.engine_loop.metrics.requests.get("abort", 0)
+    body = {"model": "lora-a", "prompt": "a long one", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # generating now; hang up
+    wait_until(lambda: not server.engine_loop._streams, what="the request to be aborted")
+    assert server.engine_loop.metrics.requests.get("abort", 0) == aborted_before + 1
+    assert_no_leaks(server)
