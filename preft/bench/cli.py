@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per point, modes interleaved; the fastest is reported")
     parser.add_argument(
         "--peer", choices=["auto", "on", "off"], default="auto", help="transformers+PEFT peer (auto: on CUDA when peft is installed)"
     )

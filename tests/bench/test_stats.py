@@ -98,3 +98,31 @@ def test_flatness_flags_a_decode_step_that_grows_with_adapters() -> None:
     assert flat["lora-p"]["flat_within_5pct"] is True
     assert flat["lora"]["flat_within_5pct"] is False
     assert flat["lora"]["max_relative_deviation"] == pytest.approx(0.5)
+
+
+def test_cli_flags_map_onto_the_bench_config() -> None:
+    import argparse
+
+    from preft.bench.cli import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    argv = "--model tiny --modes base,lora-p --num-adapters 1,8 --rank 32 --target-modules all-linear --popularity zipf --zipf-s 1.1"
+    argv += " --prompt-len 8-16 --output-len 64 --num-requests 10 --request-rate 2.5 --dtype float32 --device cpu --max-num-seqs 4"
+    argv += (
+        " --max-num-batched-tokens 512 --max-adapter-slots 3 --no-prefix-caching --no-cuda-graphs --warmup-requests 0 --repeats 3 --seed 7"
+    )
+    cfg = config_from_args(parser.parse_args(argv.split()))
+    assert (cfg.modes, cfg.num_adapters, cfg.rank, cfg.target_modules) == (["base", "lora-p"], [1, 8], 32, "all-linear")
+    assert (cfg.popularity, cfg.zipf_s, cfg.prompt_len, cfg.output_len, cfg.num_requests) == ("zipf", 1.1, "8-16", "64", 10)
+    assert (cfg.request_rate, cfg.dtype, cfg.device, cfg.max_num_seqs, cfg.max_num_batched_tokens) == (2.5, "float32", "cpu", 4, 512)
+    assert (cfg.adapter_slots, cfg.enable_prefix_caching, cfg.use_cuda_graphs, cfg.warmup_requests, cfg.repeats, cfg.seed) == (
+        3,
+        False,
+        False,
+        0,
+        3,
+        7,
+    )
+    with pytest.raises(ValueError, match="unknown mode"):
+        config_from_args(parser.parse_args(["--modes", "base,qlora"]))
