@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
+    parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads, help="torch threads when --device cpu (0: leave torch's default)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per point, modes interleaved; the fastest is reported")
     parser.add_argument(
         "--peer", choices=["auto", "on", "off"], default="auto", help="transformers+PEFT peer (auto: on CUDA when peft is installed)"
@@ -84,6 +85,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         use_cuda_graphs=not args.no_cuda_graphs,
         warmup_requests=args.warmup_requests,
         repeats=args.repeats,
+        cpu_threads=args.cpu_threads,
         seed=args.seed,
     )
 
@@ -100,6 +102,8 @@ def run_benchmark(cfg: BenchConfig, peer: str = "auto", cache_dir: str | None = 
     from preft.engine import LLM
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     build_dtype = torch.float32 if cfg.dtype == "float32" or device.type == "cpu" else getattr(torch, cfg.dtype, torch.bfloat16)
     model_dir = resolve_model(cfg.model, cache_dir, build_dtype)
     model_config = AutoConfig.from_pretrained(model_dir)

@@ -57,6 +57,7 @@ class BenchConfig:
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
     warmup_requests: int = 8
+    cpu_threads: int = 1  # torch intra-op threads on CPU: tiny matmuls gain nothing from more, and a shared CPU adds noise
     repeats: int = 1  # each (mode, adapters) point is run this often, modes interleaved; the fastest repeat is reported
     seed: int = 0
 

@@ -109,9 +109,7 @@ def test_cli_flags_map_onto_the_bench_config() -> None:
     add_arguments(parser)
     argv = "--model tiny --modes base,lora-p --num-adapters 1,8 --rank 32 --target-modules all-linear --popularity zipf --zipf-s 1.1"
     argv += " --prompt-len 8-16 --output-len 64 --num-requests 10 --request-rate 2.5 --dtype float32 --device cpu --max-num-seqs 4"
-    argv += (
-        " --max-num-batched-tokens 512 --max-adapter-slots 3 --no-prefix-caching --no-cuda-graphs --warmup-requests 0 --repeats 3 --seed 7"
-    )
+    argv += " --max-num-batched-tokens 512 --max-adapter-slots 3 --no-prefix-caching --no-cuda-graphs --warmup-requests 0 --repeats 3 --seed 7 --cpu-threads 2"
     cfg = config_from_args(parser.parse_args(argv.split()))
     assert (cfg.modes, cfg.num_adapters, cfg.rank, cfg.target_modules) == (["base", "lora-p"], [1, 8], 32, "all-linear")
     assert (cfg.popularity, cfg.zipf_s, cfg.prompt_len, cfg.output_len, cfg.num_requests) == ("zipf", 1.1, "8-16", "64", 10)
