@@ -7,10 +7,10 @@ mixed batches, chunked prefill, preemption and prefix-cache hits.
 from __future__ import annotations
 
 import pytest
+from engine_helpers import KINDS, POLICIES, adapter_name, assert_matches_reference
 
 from preft.engine import LLM, SamplingParams
 from preft.hf import generate
-from tests.engine.conftest import KINDS, POLICIES, adapter_name, assert_matches_reference
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 PROMPTS = [[5, 17, 42, 99, 130, 7, 64, 33, 21], [200, 31, 8], [77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89]]
