@@ -46,19 +46,31 @@ class TrainResult:
 
 
 def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | None, temperature: float = 1.0) -> Tensor:
-    """``[B, T]`` log-probability of each token given the tokens before it, 0 at position 0.
+    """``[B, T]`` log-probability of each token given the tokens before it; 0 before the first completion token.
 
     One teacher-forced forward with ``batch.adapter_mask`` (the serving mask), so the log-prob of
     completion token ``t`` is exactly what incremental generation computes for it. ``adapter_name``
-    None runs the base model (the KL reference).
+    None runs the base model (the KL reference). Only the logits that predict completion tokens are
+    materialised (``logits_to_keep``): a long prompt costs no ``[T, vocab]`` float tensor.
     """
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask, adapter_mask=batch.adapter_mask, adapter_names=adapter_name).logits
-    logits = logits[:, :-1].float()
+    bsz, length = batch.input_ids.shape
+    has_completion = batch.completion_mask.any(dim=0)
+    start = int(has_completion.float().argmax()) if bool(has_completion.any()) else length - 1
+    start = max(start, 1)
+    keep = length - start + 1  # logits at positions start-1 .. T-1
+    out = model(
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        adapter_mask=batch.adapter_mask,
+        adapter_names=adapter_name,
+        logits_to_keep=keep,
+    )
+    logits = out.logits[:, :-1].float()  # positions start-1 .. T-2 predict tokens start .. T-1
     if temperature != 1.0:
         logits = logits / temperature
-    targets = batch.input_ids[:, 1:]
+    targets = batch.input_ids[:, start:]
     picked = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.cat([picked.new_zeros(picked.shape[0], 1), picked], dim=1)
+    return torch.cat([picked.new_zeros(bsz, start), picked], dim=1)
 
 
 def load_model(model_dir: str | Path, config: TrainConfig) -> tuple[PreftModel, Any, torch.device]:

@@ -131,3 +131,20 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_llama):
     assert any(float(g.abs().max()) > 1e-3 for g in grads["big"])
     for a, b in zip(grads["big"], grads["small"]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_chat_messages_rows_train_the_final_assistant_turn(tmp_path, tiny_llama):
+    rows = [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": c}]} for p, c in TOY_PAIRS.items()]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    trainer = SFTTrainer(tiny_llama, toy_config(tmp_path, max_steps=60), data)
+    result = trainer.train()
+    assert result.metrics[-1]["loss"] < 0.5 * result.metrics[0]["loss"]
+    tok = trainer.tokenizer
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    # Serving tokenises the rendered chat prompt; the final assistant turn ends at <|im_end|>.
+    prompts = [
+        tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True))["input_ids"]
+        for p in TOY_PAIRS
+    ]
+    out = generate(trainer.model, prompts, trainer.name, max_new_tokens=6, eos_token_id=end_of_turn)
+    assert [tok.decode(t, skip_special_tokens=True) for t in out.token_ids] == list(TOY_PAIRS.values())
