@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--peer", choices=["auto", "on", "off"], default="auto", help="transformers+PEFT peer (auto: on CUDA when peft is installed)"
     )
+    parser.add_argument("--peer-max-adapters", type=int, default=64, help="run the peer only at adapter counts up to this")
+    parser.add_argument("--peer-requests", type=int, default=None, help="requests per peer point (default 2 x max-num-seqs)")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--cache-dir", default=None, help="where named shapes are built (default ~/.cache/preft/bench-models)")
     parser.add_argument("--output-dir", default=None, help="default benchmarks/results/<device>-<date>/")
@@ -90,15 +92,32 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def run_benchmark(cfg: BenchConfig, peer: str = "auto", cache_dir: str | None = None, output_dir: str | None = None) -> tuple[dict, str]:
-    """Build the model, run the sweep, write JSON + PNG; returns the results and the printed table."""
+def run_benchmark(
+    cfg: BenchConfig,
+    peer: str = "auto",
+    cache_dir: str | None = None,
+    output_dir: str | None = None,
+    peer_max_adapters: int = 64,
+    peer_requests: int | None = None,
+) -> tuple[dict, str]:
+    """Build the model, run the sweep (then the peer), write JSON + PNG; returns the results and the printed table."""
+    threads = torch.get_num_threads()
+    try:
+        return _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_requests)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_requests) -> tuple[dict, str]:
+    import gc
+
     from transformers import AutoConfig
 
     from preft.bench.peer import make_peft_peer, peft_available
     from preft.bench.report import environment, format_table, results_paths, write_results
     from preft.bench.shapes import resolve_model
     from preft.bench.stats import parse_lengths
-    from preft.bench.throughput import run_sweep
+    from preft.bench.throughput import make_workload, run_sweep
     from preft.engine import LLM
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -121,9 +140,18 @@ def run_benchmark(cfg: BenchConfig, peer: str = "auto", cache_dir: str | None = 
         use_cuda_graphs=cfg.use_cuda_graphs,
     )
     dtype = getattr(llm.engine, "dtype", build_dtype)
-    use_peer = peer == "on" or (peer == "auto" and device.type == "cuda" and peft_available())
-    peer_fn = make_peft_peer(model_dir, cfg, model_config, dtype, device) if use_peer else None
-    results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device, peer=peer_fn)
+    results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device)
+    if peer == "on" or (peer == "auto" and device.type == "cuda" and peft_available()):
+        del llm  # the peer loads its own copy of the model: give the engine's weights and KV cache back first
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        peer_fn = make_peft_peer(model_dir, cfg, model_config, dtype, device)
+        lora = {r["num_adapters"]: r["output_tok_s"] for r in results["runs"] if r["mode"] == "lora"}
+        for n in [n for n in cfg.num_adapters if n <= peer_max_adapters]:
+            row = peer_fn(n, make_workload(cfg, n)[: peer_requests or 2 * cfg.max_num_seqs])
+            row["ratio_to_lora"] = row["output_tok_s"] / lora[n] if n in lora else None
+            results["peer"].append(row)
     results["environment"] = {**environment(device), "model_dir": str(model_dir), "dtype": str(dtype).removeprefix("torch.")}
     json_path, png_path = results_paths(output_dir, cfg.model, device)
     results["files"] = {"json": str(json_path), "png": str(png_path)}
@@ -135,7 +163,14 @@ def run_benchmark(cfg: BenchConfig, peer: str = "auto", cache_dir: str | None = 
 
 
 def run(args: argparse.Namespace) -> int:
-    results, table = run_benchmark(config_from_args(args), peer=args.peer, cache_dir=args.cache_dir, output_dir=args.output_dir)
+    results, table = run_benchmark(
+        config_from_args(args),
+        peer=args.peer,
+        cache_dir=args.cache_dir,
+        output_dir=args.output_dir,
+        peer_max_adapters=args.peer_max_adapters,
+        peer_requests=args.peer_requests,
+    )
     print(table)
     print(f"wrote {results['files']['json']} and {results['files']['png']}")
     return 0

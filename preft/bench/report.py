@@ -68,7 +68,8 @@ def format_table(results: dict) -> str:
         )
     for p in results.get("peer", []):
         lines.append(
-            f"{p['num_adapters']:>8} {p['mode']:>9} {p['output_tok_s']:>10.1f} {p['total_tok_s']:>10.1f}   (static batches of {p['batch_size']})"
+            f"{p['num_adapters']:>8} {p['mode']:>9} {p['output_tok_s']:>10.1f} {p['total_tok_s']:>10.1f} "
+            f"{'(static batches of ' + str(p['batch_size']) + ')':>69} {_fmt(p.get('ratio_to_lora'), 2):>7}"
         )
     roof = results["roofline_model"]
     base = [r for r in results["runs"] if r["mode"] == "base" and r["roofline"]["fraction_of_floor"] is not None]

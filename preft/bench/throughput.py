@@ -19,7 +19,6 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -312,7 +311,7 @@ def flatness(runs: list[dict], tolerance: float = FLAT_TOLERANCE) -> dict:
     return result
 
 
-def run_sweep(cfg: BenchConfig, llm: Any, model_config: Any, dtype_bytes: int, device: torch.device, peer: Callable | None = None) -> dict:
+def run_sweep(cfg: BenchConfig, llm: Any, model_config: Any, dtype_bytes: int, device: torch.device) -> dict:
     """Every mode at every adapter count on ``llm``; returns the JSON-ready results."""
     engine = llm.engine
     registry = AdapterRegistry(llm, model_config, cfg)
@@ -321,7 +320,7 @@ def run_sweep(cfg: BenchConfig, llm: Any, model_config: Any, dtype_bytes: int, d
     if cfg.warmup_requests:
         warm = make_workload(cfg, 1, cfg.warmup_requests, seed_offset=1)
         run_requests(engine, warm, [None], desc="warmup")
-    runs, peers = [], []
+    runs = []
     for n in tqdm(cfg.num_adapters, desc="adapter counts", unit="point"):
         workload = make_workload(cfg, n)
         for mode in cfg.modes:
@@ -343,8 +342,6 @@ def run_sweep(cfg: BenchConfig, llm: Any, model_config: Any, dtype_bytes: int, d
                     best[mode] = row
                 best[mode]["repeats_output_tok_s"] = tput
         runs.extend(best[mode] for mode in cfg.modes)
-        if peer is not None:
-            peers.append(peer(n, workload))
     add_ratios(runs)
     return {
         "config": {k: (v if not isinstance(v, float) or math.isfinite(v) else "inf") for k, v in asdict(cfg).items()},
@@ -355,6 +352,6 @@ def run_sweep(cfg: BenchConfig, llm: Any, model_config: Any, dtype_bytes: int, d
             "bandwidth_note": bandwidth_note,
         },
         "runs": runs,
-        "peer": peers,
+        "peer": [],
         "flatness": flatness(runs),
     }
