@@ -49,9 +49,18 @@ def test_clipped_loss_uses_the_asymmetric_clip_range():
     assert k3_kl(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0.0 and k3_kl(torch.tensor([-1.0]), torch.tensor([-2.0])).item() > 0
 
 
-@pytest.mark.parametrize("policy,kind", [("prefill", "lora"), ("all", "lora"), ("prefill", "direft"), ("prefill", "loreft")])
-def test_rollout_logprobs_equal_training_logprobs_at_step_0(tmp_path, tiny_llama, prompts, policy, kind):
-    cfg = grpo_config(tmp_path, policy=policy, adapter=kind, temperature=0.7, max_completion_length=6, max_steps=1)
+@pytest.mark.parametrize(
+    "policy,kind,positions",
+    [
+        ("prefill", "lora", "all"),
+        ("all", "lora", "all"),
+        ("prefill", "direft", "all"),
+        ("prefill", "loreft", "all"),
+        ("prefill", "direft", "f1+l1"),
+    ],
+)
+def test_rollout_logprobs_equal_training_logprobs_at_step_0(tmp_path, tiny_llama, prompts, policy, kind, positions):
+    cfg = grpo_config(tmp_path, policy=policy, adapter=kind, positions=positions, temperature=0.7, max_completion_length=6, max_steps=1)
     trainer = GRPOTrainer(tiny_llama, cfg, prompts)
     with torch.no_grad():  # a non-zero adapter, so the mask matters
         for p in trainer.params:
