@@ -312,14 +312,15 @@ def triton_grouped_low_rank(
     if method == "auto":
         method = "sgmv" if plan is not None or n > BGMV_MAX_TOKENS else "bgmv"
     if method == "bgmv":
-        block_k = _block(k, 16, 256)
+        # Tiles of at most 4096 elements (32 registers per thread at 4 warps): no spills at rank 64.
+        block_k = _block(k, 16, 4096 // block_r)
         _bgmv_shrink_kernel[(n, triton.cdiv(r_max, block_r))](
             x, token_slot, down, bias_arg, ranks_t, code,
             k,
             x.stride(0), x.stride(1), down.stride(0), down.stride(1), down.stride(2), bias_stride, code.stride(0),
             HAS_BIAS=bias is not None, BLOCK_R=block_r, BLOCK_K=block_k,
         )  # fmt: skip
-        block_n = _block(out_features, 16, 128)
+        block_n = _block(out_features, 16, min(128, 4096 // block_r))
         _bgmv_expand_kernel[(n, triton.cdiv(out_features, block_n))](
             code, token_slot, up, ranks_t, scaling_t, out,
             out_features,
