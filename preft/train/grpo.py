@@ -186,7 +186,7 @@ class GRPOTrainer(AdapterTrainer):
             if iteration == 0:
                 # Before any update of this step, training log-probs must equal the rollout's (on-policy).
                 logs = {"loss": loss_sum, "grad_norm": grad_norm, "rollout_logprob_max_abs_diff": diff}
-        logs["clip_ratio"] = clip / n_tokens
+        logs["clip_ratio"] = clip / n_tokens  # clip_ratio and kl: of the last of the num_iterations passes
         if cfg.beta > 0:
             logs["kl"] = kl / n_tokens
         rewards = {k: torch.cat([r.rewards[k] for r in rollouts]) for k in rollouts[0].rewards}
