@@ -29,7 +29,9 @@ def _modules(text: str) -> list[str] | str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument(
-        "--model", default=d.model, help="checkpoint directory, or a named shape with random weights: tiny, qwen2.5-0.5b, llama-3.1-8b"
+        "--model",
+        default=d.model,
+        help="checkpoint directory or named shape with random weights (tiny, qwen2.5-0.5b, llama-3.1-8b); comma-separated: run each",
     )
     parser.add_argument("--modes", default=",".join(d.modes), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--num-adapters", type=_int_list, default=d.num_adapters, help="sweep of adapter counts (default 1,8,64,512)")
@@ -163,14 +165,17 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
 
 
 def run(args: argparse.Namespace) -> int:
-    results, table = run_benchmark(
-        config_from_args(args),
-        peer=args.peer,
-        cache_dir=args.cache_dir,
-        output_dir=args.output_dir,
-        peer_max_adapters=args.peer_max_adapters,
-        peer_requests=args.peer_requests,
-    )
-    print(table)
-    print(f"wrote {results['files']['json']} and {results['files']['png']}")
+    for model in args.model.split(","):  # several models: one after the other, one JSON + PNG each
+        cfg = config_from_args(args)
+        cfg.model = model
+        results, table = run_benchmark(
+            cfg,
+            peer=args.peer,
+            cache_dir=args.cache_dir,
+            output_dir=args.output_dir,
+            peer_max_adapters=args.peer_max_adapters,
+            peer_requests=args.peer_requests,
+        )
+        print(f"== {model}\n{table}")
+        print(f"wrote {results['files']['json']} and {results['files']['png']}")
     return 0

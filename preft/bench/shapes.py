@@ -73,18 +73,24 @@ def resolve_model(model: str, cache_dir: str | Path | None = None, dtype: torch.
     return target
 
 
+def shape_config(shape: str):
+    """The transformers config of a named shape (special ids: preft's byte tokenizer's pad 0, bos 1, eos 2)."""
+    from transformers import AutoConfig
+
+    fields = dict(NAMED_SHAPES[shape])
+    return AutoConfig.for_model(fields.pop("model_type"), bos_token_id=1, eos_token_id=2, pad_token_id=0, **fields)
+
+
 def build_random_checkpoint(path: Path, shape: str, dtype: torch.dtype) -> Path:
     """Write a random-weight checkpoint of a named shape (config, safetensors, byte-level tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from preft.tiny import build_tiny_checkpoint, build_tokenizer
 
     if shape == "tiny":
         return build_tiny_checkpoint(path, "llama", dtype=torch.float32)
-    fields = dict(NAMED_SHAPES[shape])
-    family = fields.pop("model_type")
     tokenizer = build_tokenizer()  # prompts use byte ids (< 261), valid in any of these vocabularies
-    config = AutoConfig.for_model(family, bos_token_id=1, eos_token_id=2, pad_token_id=0, **fields)
+    config = shape_config(shape)
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -124,3 +124,23 @@ def test_cli_flags_map_onto_the_bench_config() -> None:
     )
     with pytest.raises(ValueError, match="unknown mode"):
         config_from_args(parser.parse_args(["--modes", "base,qlora"]))
+
+
+@pytest.mark.parametrize("shape", ["qwen2.5-0.5b", "llama-3.1-8b"])
+def test_named_shapes_are_supported_configs_of_the_published_size(shape: str) -> None:
+    from preft.adapters import check_family, linear_shapes
+    from preft.bench.shapes import shape_config
+
+    config = shape_config(shape)
+    assert check_family(config) in ("qwen2", "llama")
+    assert linear_shapes(config)["k_proj"][1] == config.num_key_value_heads * config.hidden_size // config.num_attention_heads
+    assert config.vocab_size > 260, "prompts use byte ids 5..260, which must be valid tokens"
+
+
+def test_resolve_model_names_the_choices_for_an_unknown_model(tmp_path) -> None:
+    from preft.bench.shapes import resolve_model
+
+    with pytest.raises(ValueError, match="llama-3.1-8b"):
+        resolve_model("gpt-17", cache_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model(str(tmp_path))
