@@ -167,11 +167,17 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request now (no-op if unknown or finished); its blocks and slot are freed at once."""
-        for seq in self.requests.pop(request_id, []):
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks and slot are freed at once. Returns its final output (finish_reason
+        ``"abort"``), or None if the request is unknown or already finished."""
+        if request_id not in self.requests:
+            return None
+        for seq in self.requests[request_id]:
             self.scheduler.finish(seq, "abort")
+        out = self._request_output(request_id)
+        del self.requests[request_id]
         self._remove_pending_adapters()
+        return out
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

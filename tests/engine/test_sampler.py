@@ -112,6 +112,8 @@ def test_abort_frees_blocks_and_slot(family_pair):
     engine.add_request("x", PROMPT * 3, SamplingParams(max_tokens=50, ignore_eos=True), "lora-all-r4")
     engine.step()
     assert engine.stats()["kv_blocks_used"] > 0 and engine.stats()["adapter_slots_used"] == 1
-    engine.abort_request("x")
+    final = engine.abort_request("x")
+    assert final.finished and final.outputs[0].finish_reason == "abort"
+    assert engine.abort_request("x") is None
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_used"] == 0
     assert not engine.has_unfinished_requests()
