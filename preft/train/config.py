@@ -18,6 +18,7 @@ from preft.errors import PreftError
 
 ADAPTER_KINDS = ("lora", "loreft", "direft")
 SCHEDULES = ("constant", "linear", "cosine")
+ROLLOUT_BACKENDS = ("hf", "engine")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -124,6 +125,11 @@ class GRPOConfig(TrainConfig):
     loss_type: str = _f("dapo", "grpo: mean per sequence then per batch; dapo: mean over all completion tokens", choices=("grpo", "dapo"))
     scale_rewards: bool = _f(True, "divide group-centred rewards by the group std")
     num_iterations: int = _f(1, "updates per rollout batch (mu in the GRPO paper)")
+    rollout_backend: str = _f(
+        "hf",
+        "rollout generator: hf (preft.hf.generate, the reference) or engine (preft.engine.LLM in-process, adapter weights synced in memory)",
+        choices=ROLLOUT_BACKENDS,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -135,6 +141,8 @@ class GRPOConfig(TrainConfig):
             )
         if self.temperature <= 0:
             raise PreftError(f"--temperature must be > 0 for GRPO rollouts, got {self.temperature}")
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise PreftError(f"--rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")
         if self.loss_type not in ("grpo", "dapo"):
             raise PreftError(f"--loss_type must be grpo or dapo, got {self.loss_type!r}")
 

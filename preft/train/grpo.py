@@ -2,9 +2,12 @@
 
 One optimizer step:
 
-1. **Rollouts**: ``num_generations`` completions per prompt from ``preft.hf.generate`` with the
-   adapter's policy (``prefill``: the adapter acts on the prompt and so on the first sampled token;
-   later tokens come from the base model attending to the adapted prompt KV).
+1. **Rollouts**: ``num_generations`` completions per prompt with the adapter's policy (``prefill``:
+   the adapter acts on the prompt and so on the first sampled token; later tokens come from the
+   base model attending to the adapted prompt KV), from ``--rollout_backend``: ``hf``, the reference
+   generator ``preft.hf.generate`` on the training model itself, or ``engine``, a ``preft.engine.LLM``
+   in the same process whose copy of the adapter is replaced by ``PreftModel.get_adapter`` before
+   every rollout (in memory; a new content hash, so no stale device slot or prefix-cache block).
 2. **Rewards** (summed over ``reward_funcs``) and **group-relative advantages**.
 3. **Update**: the per-token log-probs of the sampled completions from one teacher-forced forward
    with the same ``adapter_mask`` as serving (``token_logprobs``), so they equal the rollout's
@@ -17,6 +20,7 @@ One optimizer step:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from preft.hf import PreftModel, generate
 from preft.train.config import GRPOConfig
 from preft.train.data import Batch, Example, collate, load_examples
 from preft.train.rewards import load_reward, reward_name
-from preft.train.trainer import AdapterTrainer, TrainResult, ordered_batches, token_logprobs
+from preft.train.trainer import AdapterTrainer, TrainResult, completion_logits, gather_logprobs, ordered_batches, token_logprobs
 
 
 def group_advantages(rewards: Tensor, num_generations: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
@@ -63,7 +67,8 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 class Rollout:
     batch: Batch  # [prompt ; completion] rows with the serving adapter_mask
     advantages: Tensor  # [N]
-    rollout_logp: Tensor  # [N, T] log-probs the generator sampled with (0 off the completion)
+    rollout_logp: Tensor  # [N, T] the generator's log-probs of the sampled tokens (0 off the completion)
+    rollout_temperature: float  # the temperature rollout_logp is taken at (the engine reports them before temperature: 1.0)
     ref_logp: Tensor | None  # [N, T] base-model log-probs when beta > 0
     rewards: dict[str, Tensor]  # per reward function [N]
     old_logp: Tensor | None = None
@@ -90,6 +95,7 @@ class GRPOTrainer(AdapterTrainer):
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
+        self._engine = None  # built on the first rollout with --rollout_backend engine
         self.plot_panels = {"loss": ["loss"], "reward": ["reward", *self.reward_funcs] if len(self.reward_funcs) > 1 else ["reward"]}
         print(f"preft train grpo: {train_dataset}: {self.load_report.summary()}")
 
@@ -101,17 +107,77 @@ class GRPOTrainer(AdapterTrainer):
         cfg = self.config
         if cfg.max_steps > 0:
             return cfg.max_steps
-        per_epoch = math.ceil(len(self.prompts) / self.prompts_per_micro_batch)
+        per_epoch = math.ceil(len(self.prompts) / (self.prompts_per_micro_batch * self.world_size))
         return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
 
-    @torch.no_grad()
-    def rollout(self, index: int) -> Rollout:
-        """Sample, score and prepare micro-batch ``index`` (seeded by ``seed`` and ``index``: resumable)."""
+    # ---- rollouts ------------------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        """The in-process serving engine (``--rollout_backend engine``), built on first use.
+
+        Same model directory, device and dtype as the training model; a KV pool sized for one
+        micro-batch of rollouts, so it leaves the device memory to training.
+        """
+        if self._engine is None:
+            from preft.engine import LLM
+
+            cfg = self.config
+            dtype = next(self.model.model.parameters()).dtype
+            rows = cfg.per_device_train_batch_size
+            block_size = 16
+            blocks_per_row = -(-(cfg.max_prompt_length + cfg.max_completion_length) // block_size)
+            self._engine = LLM(
+                self.model_dir,
+                dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
+                device=str(self.device),
+                max_adapter_slots=1,
+                num_kv_blocks=rows * blocks_per_row + rows,
+                block_size=block_size,
+                max_num_seqs=rows,
+            )
+        return self._engine
+
+    def sync_engine_adapter(self) -> str:
+        """Give the engine the adapter's current weights (no disk); returns their content hash.
+
+        Remove + add: the engine frees the old device slot and the new entry carries a new content
+        hash, which keys both the slot and the prefix-cache blocks, so nothing computed with the old
+        weights is reused.
+        """
+        llm = self.engine
+        if any(info.name == self.name for info in llm.list_adapters()):
+            llm.remove_adapter(self.name)
+        adapter = self.model.get_adapter(self.name)
+        llm.add_adapter(self.name, adapter)
+        return adapter.content_hash()
+
+    def generate_rollouts(self, prompt_ids: list[list[int]], seed: int) -> tuple[list[list[int]], list[Tensor], float]:
+        """``num_generations`` completions of each distinct prompt (repeated ``g`` times in ``prompt_ids``), their
+        per-token log-probs of the sampled tokens, and the temperature those log-probs are taken at."""
         cfg, g = self.config, self.config.num_generations
-        examples: list[Example] = [
-            self.prompts[i] for i in ordered_batches(len(self.prompts), self.prompts_per_micro_batch, cfg.seed, index)
-        ]
-        prompt_ids = [e.prompt_ids for e in examples for _ in range(g)]
+        if cfg.rollout_backend == "engine":
+            from preft.engine import SamplingParams
+
+            self.sync_engine_adapter()
+            distinct = prompt_ids[::g]
+            params = [
+                SamplingParams(
+                    max_tokens=cfg.max_completion_length,
+                    temperature=cfg.temperature,
+                    top_p=cfg.top_p,
+                    seed=seed + k * g,  # the engine seeds completion j of a request with seed + j
+                    n=g,
+                    stop_token_ids=self.eos_ids,
+                    logprobs=0,  # the sampled token's log-prob, before temperature
+                )
+                for k in range(len(distinct))
+            ]
+            outputs = self.engine.generate(distinct, params, adapter=self.name, use_tqdm=False)
+            completions = [c for out in outputs for c in sorted(out.outputs, key=lambda c: c.index)]
+            tokens = [list(c.token_ids) for c in completions]
+            logps = [torch.tensor([lp[t] for lp, t in zip(c.logprobs, c.token_ids)]) for c in completions]
+            return tokens, logps, 1.0
         self.set_train(False)
         gen = generate(
             self.model,
@@ -120,82 +186,129 @@ class GRPOTrainer(AdapterTrainer):
             max_new_tokens=cfg.max_completion_length,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            seed=cfg.seed * 1_000_003 + index,
+            seed=seed,
             eos_token_id=self.eos_ids,
             return_logits=True,
             pad_token_id=self.pad_id,
         )
         self.set_train(True)
-        batch = collate(list(zip(prompt_ids, gen.token_ids)), cfg.policy, self.pad_id).to(self.device)
+        logps = []
+        for logits, toks in zip(gen.logits, gen.token_ids):
+            logp = torch.log_softmax(logits / cfg.temperature, dim=-1)
+            logps.append(logp.gather(-1, torch.tensor(toks)[:, None]).squeeze(-1))
+        return gen.token_ids, logps, cfg.temperature
+
+    @torch.no_grad()
+    def rollout(self, index: int) -> Rollout:
+        """Sample, score and prepare micro-batch ``index`` (seeded by ``seed``, ``index`` and the rank: resumable)."""
+        cfg, g = self.config, self.config.num_generations
+        rows = ordered_batches(len(self.prompts), self.prompts_per_micro_batch, cfg.seed, index, self.rank, self.world_size)
+        examples: list[Example] = [self.prompts[i] for i in rows or [0]]  # an idle rank (end of epoch) gets weight 0 in the loss
+        prompt_ids = [e.prompt_ids for e in examples for _ in range(g)]
+        seed = (cfg.seed * 1_000_003 + index) * self.world_size + self.rank
+        token_ids, token_logps, rollout_temperature = self.generate_rollouts(prompt_ids, seed)
+        batch = collate(list(zip(prompt_ids, token_ids)), cfg.policy, self.pad_id).to(self.device)
+        if not rows:
+            batch.completion_mask.zero_()
         rollout_logp = torch.zeros(batch.input_ids.shape, device=self.device)
-        for i, (p, toks) in enumerate(zip(prompt_ids, gen.token_ids)):
-            logp = torch.log_softmax(gen.logits[i].to(self.device) / cfg.temperature, dim=-1)
-            rollout_logp[i, len(p) : len(p) + len(toks)] = logp.gather(-1, torch.tensor(toks, device=self.device)[:, None]).squeeze(-1)
-        completions = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.token_ids]
+        for i, (p, logp) in enumerate(zip(prompt_ids, token_logps)):
+            rollout_logp[i, len(p) : len(p) + len(logp)] = logp.to(self.device)
+        completions = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
         prompts = [e.prompt for e in examples for _ in range(g)]
         keys = sorted({k for e in examples for k in e.columns})
         columns = {k: [e.columns.get(k) for e in examples for _ in range(g)] for k in keys}
         rewards = {}
         for name, func in self.reward_funcs.items():
-            values = func(prompts=prompts, completions=completions, completion_ids=gen.token_ids, **columns)
+            values = func(prompts=prompts, completions=completions, completion_ids=token_ids, **columns)
             if len(values) != len(completions):
                 raise ValueError(f"reward {name!r} returned {len(values)} values for {len(completions)} completions")
             rewards[name] = torch.tensor([0.0 if v is None else float(v) for v in values])
         total = torch.stack(list(rewards.values())).sum(0)
         advantages = group_advantages(total, g, cfg.scale_rewards).to(self.device)
         ref_logp = token_logprobs(self.model, batch, None, cfg.temperature) if cfg.beta > 0 else None
-        return Rollout(batch, advantages, rollout_logp, ref_logp, {"reward": total, **rewards})
+        return Rollout(batch, advantages, rollout_logp, rollout_temperature, ref_logp, {"reward": total, **rewards})
+
+    # ---- update --------------------------------------------------------------------------------
 
     def policy_loss(self, ro: Rollout, n_tokens: int, n_seqs: int) -> tuple[Tensor, dict]:
-        """This micro-batch's share of the step's loss (normalised over the whole accumulation window)."""
+        """This rank's share of the step's loss (normalised over the whole accumulation window, all ranks)."""
         cfg = self.config
         mask = ro.batch.completion_mask
-        logp = token_logprobs(self.model, ro.batch, self.name, cfg.temperature)
+        logits, start = completion_logits(self.train_model, ro.batch, self.name)
+        logp = gather_logprobs(logits, ro.batch, start, cfg.temperature)
         if ro.old_logp is None:
             ro.old_logp = logp.detach()
         per_token, clipped = clipped_token_loss(
             logp, ro.old_logp, ro.advantages, cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
         )
-        stats = {"clip_ratio": float((clipped * mask).sum()), "logp_diff": float(((logp.detach() - ro.rollout_logp).abs() * mask).max())}
+        # The on-policy check, at the temperature the generator reported its log-probs at.
+        check = (
+            logp.detach()
+            if ro.rollout_temperature == cfg.temperature
+            else gather_logprobs(logits.detach(), ro.batch, start, ro.rollout_temperature)
+        )
+        stats = {"clip_ratio": float((clipped * mask).sum()), "logp_diff": float(((check - ro.rollout_logp).abs() * mask).max())}
         if ro.ref_logp is not None:
             kl = k3_kl(logp, ro.ref_logp)
             per_token = per_token + cfg.beta * kl
             stats["kl"] = float((kl.detach() * mask).sum())
+        # DDP averages gradients over ranks: world_size times this rank's share makes the sum over ranks.
         if cfg.loss_type == "dapo":
-            loss = (per_token * mask).sum() / n_tokens
+            loss = (per_token * mask).sum() * self.world_size / n_tokens
         else:
-            loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / n_seqs
+            rows = mask.any(1).float()  # rows of an idle rank count for nothing
+            loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1) * rows).sum() * self.world_size / n_seqs
         return loss, stats
 
     def training_step(self) -> dict:
         cfg = self.config
-        accum = cfg.gradient_accumulation_steps
+        acc, accum = self.accelerator, cfg.gradient_accumulation_steps
         rollouts = [self.rollout(self.step * accum + j) for j in range(accum)]
-        n_tokens = sum(int(r.batch.completion_mask.sum()) for r in rollouts)
-        n_seqs = sum(r.batch.input_ids.shape[0] for r in rollouts)
+        counts = torch.tensor(
+            [
+                sum(float(r.batch.completion_mask.sum()) for r in rollouts),
+                sum(float(r.batch.completion_mask.any(1).sum()) for r in rollouts),
+            ],
+            dtype=torch.float64,
+            device=self.device,
+        )
+        n_tokens, n_seqs = (int(v) for v in acc.reduce(counts, "sum").tolist())  # the whole step, every rank
         logs: dict[str, float] = {}
         for iteration in range(cfg.num_iterations):
-            loss_sum, clip, kl, diff = 0.0, 0.0, 0.0, 0.0
-            for ro in rollouts:
-                loss, stats = self.policy_loss(ro, n_tokens, n_seqs)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                clip, kl = clip + stats["clip_ratio"], kl + stats.get("kl", 0.0)
+            sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, clipped tokens, kl
+            diff = 0.0
+            for j, ro in enumerate(rollouts):
+                with acc.no_sync(self.train_model) if j < accum - 1 else contextlib.nullcontext():
+                    loss, stats = self.policy_loss(ro, n_tokens, n_seqs)
+                    acc.backward(loss)
+                sums += torch.tensor(
+                    [float(loss.detach()) / self.world_size, stats["clip_ratio"], stats.get("kl", 0.0)],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
                 diff = max(diff, stats["logp_diff"])
             grad_norm = self.optimizer_step()
+            loss_sum, clip, kl = acc.reduce(sums, "sum").tolist()
             if iteration == 0:
                 # Before any update of this step, training log-probs must equal the rollout's (on-policy).
+                diff = float(acc.gather(torch.tensor([diff], device=self.device)).max())
                 logs = {"loss": loss_sum, "grad_norm": grad_norm, "rollout_logprob_max_abs_diff": diff}
         logs["clip_ratio"] = clip / n_tokens  # clip_ratio and kl: of the last of the num_iterations passes
         if cfg.beta > 0:
             logs["kl"] = kl / n_tokens
-        rewards = {k: torch.cat([r.rewards[k] for r in rollouts]) for k in rollouts[0].rewards}
-        for k, v in rewards.items():
-            logs[k] = float(v.mean())
-        logs["reward_std"] = float(rewards["reward"].std())
+        # Means over every rank's completions from all-reduced sums (an idle rank's rows have weight 0).
+        weight = torch.cat([r.batch.completion_mask.any(1).double().cpu() for r in rollouts])
+        groups = torch.cat([(r.advantages.view(-1, cfg.num_generations).abs().amax(1) == 0).double().cpu() for r in rollouts])
+        group_weight = weight.view(-1, cfg.num_generations)[:, 0]
+        rewards = {k: torch.cat([r.rewards[k] for r in rollouts]).double() for k in rollouts[0].rewards}
+        sums = [weight.sum(), (rewards["reward"] ** 2 * weight).sum(), group_weight.sum(), (groups * group_weight).sum()]
+        sums += [(v * weight).sum() for v in rewards.values()]
+        n, sq, n_groups, n_zero, *reward_sums = acc.reduce(torch.stack(sums).to(self.device), "sum").tolist()
+        for k, total in zip(rewards, reward_sums):
+            logs[k] = total / n
+        logs["reward_std"] = math.sqrt(max(0.0, (sq - n * logs["reward"] ** 2) / max(1.0, n - 1)))
         logs["completion_length"] = n_tokens / n_seqs
-        zero = torch.cat([r.advantages.view(-1, cfg.num_generations).abs().amax(1) == 0 for r in rollouts]).float()
-        logs["frac_zero_advantage_groups"] = float(zero.mean())
+        logs["frac_zero_advantage_groups"] = n_zero / n_groups
         return logs
 
 

@@ -10,15 +10,18 @@ from pathlib import Path
 class MetricsLog:
     """Appends ``{"step": ..., **metrics}`` rows to ``<output_dir>/metrics.jsonl`` and keeps them in memory."""
 
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, write: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.rows: list[dict] = []
+        self.write = write  # False on the non-main ranks of a multi-process run: rows in memory only
 
     def resume(self, step: int) -> None:
         """Keep the rows of steps ``<= step`` (a resumed run rewrites what came after its checkpoint)."""
         if self.path.is_file():
             rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
             self.rows = [r for r in rows if r.get("step", 0) <= step]
+        if not self.write:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
@@ -28,6 +31,8 @@ class MetricsLog:
             **{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v) for k, v in metrics.items()},
         }
         self.rows.append(row)
+        if not self.write:
+            return row
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -44,6 +49,8 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        if not self.write:
+            return None
         panels = {name: keys for name, keys in panels.items() if any(self.series(k)[0] for k in keys)}
         if not panels:
             return None

@@ -9,6 +9,7 @@ the window's token count, so accumulation equals one big batch).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from pathlib import Path
@@ -65,7 +66,7 @@ class SFTTrainer(AdapterTrainer):
         cfg = self.config
         if cfg.max_steps > 0:
             return cfg.max_steps
-        per_epoch = math.ceil(len(self.examples) / cfg.per_device_train_batch_size)
+        per_epoch = math.ceil(len(self.examples) / (cfg.per_device_train_batch_size * self.world_size))
         return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
 
     def batch(self, examples: list[Example]) -> Batch:
@@ -73,18 +74,25 @@ class SFTTrainer(AdapterTrainer):
 
     def training_step(self) -> dict:
         cfg = self.config
-        accum = cfg.gradient_accumulation_steps
+        acc, accum = self.accelerator, cfg.gradient_accumulation_steps
         micro = []
         for j in range(accum):
-            rows = ordered_batches(len(self.examples), cfg.per_device_train_batch_size, cfg.seed, self.step * accum + j)
-            micro.append(self.batch([self.examples[i] for i in rows]))
-        n_tokens = sum(int(b.completion_mask.sum()) for b in micro)
-        loss_sum = 0.0
-        for b in micro:
-            nll, _ = masked_nll_sum(self.model, b, self.name)
-            (nll / n_tokens).backward()
-            loss_sum += float(nll.detach())
+            rows = ordered_batches(
+                len(self.examples), cfg.per_device_train_batch_size, cfg.seed, self.step * accum + j, self.rank, self.world_size
+            )
+            # A rank left without rows at the end of an epoch still runs (weight 0), so every rank joins the all-reduce.
+            micro.append((self.batch([self.examples[i] for i in rows or [0]]), 1.0 if rows else 0.0))
+        local = sum(w * float(b.completion_mask.sum()) for b, w in micro)
+        n_tokens = int(acc.reduce(torch.tensor(local, device=self.device), "sum"))  # the whole step's tokens, every rank
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for j, (b, w) in enumerate(micro):
+            with acc.no_sync(self.train_model) if j < accum - 1 else contextlib.nullcontext():
+                nll, _ = masked_nll_sum(self.train_model, b, self.name)
+                # DDP averages gradients over ranks: scaling by world_size makes it the sum over all tokens / n_tokens.
+                acc.backward(nll * (w * self.world_size) / n_tokens)
+            loss_sum += nll.detach().double() * w
         grad_norm = self.optimizer_step()
+        loss_sum = float(acc.reduce(loss_sum, "sum"))
         return {"loss": loss_sum / n_tokens, "grad_norm": grad_norm, "tokens": n_tokens}
 
     def eval_due(self) -> bool:
@@ -95,11 +103,13 @@ class SFTTrainer(AdapterTrainer):
         """Mean completion-token cross-entropy over the eval rows (empty when there are none)."""
         if not self.eval_examples:
             return {}
-        total, n = 0.0, 0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll sum, token count
         bs = self.config.per_device_eval_batch_size
-        for i in range(0, len(self.eval_examples), bs):
-            nll, count = masked_nll_sum(self.model, self.batch(self.eval_examples[i : i + bs]), self.name)
-            total, n = total + float(nll), n + count
+        mine = self.eval_examples[self.rank :: self.world_size]  # each rank scores its share
+        for i in range(0, len(mine), bs):
+            nll, count = masked_nll_sum(self.model, self.batch(mine[i : i + bs]), self.name)
+            totals += torch.tensor([float(nll), count], dtype=torch.float64, device=self.device)
+        total, n = self.accelerator.reduce(totals, "sum").tolist()
         return {"eval_loss": total / n}
 
 

@@ -4,11 +4,14 @@ optimiser and schedule, resumable checkpoints, metrics and the progress bar.
 Why a small explicit loop rather than ``transformers.Trainer`` or TRL: the one thing that must be
 right is the per-token ``adapter_mask`` (prompt adapted, completion not), and GRPO's rollouts must
 come from the reference generator with the serving semantics. Both are a few lines here and
-would be overrides of private hooks there. The loop is single-process; see docs/training.md.
+would be overrides of private hooks there. Data parallelism comes from ``accelerate``
+(``accelerate launch -m preft.cli train sft ...``): the loop shards rows by rank, all-reduces the
+completion-token counts the loss is normalised by, and saves on the main process only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -45,15 +48,14 @@ class TrainResult:
         return values[-1] if values else None
 
 
-def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | None, temperature: float = 1.0) -> Tensor:
-    """``[B, T]`` log-probability of each token given the tokens before it; 0 before the first completion token.
+def completion_logits(model: PreftModel, batch: Batch, adapter_name: str | None) -> tuple[Tensor, int]:
+    """Float logits ``[B, T - start, V]`` that predict tokens ``start .. T-1``, and ``start`` (the first completion column).
 
-    One teacher-forced forward with ``batch.adapter_mask`` (the serving mask), so the log-prob of
-    completion token ``t`` is exactly what incremental generation computes for it. ``adapter_name``
-    None runs the base model (the KL reference). Only the logits that predict completion tokens are
-    materialised (``logits_to_keep``): a long prompt costs no ``[T, vocab]`` float tensor.
+    One teacher-forced forward with ``batch.adapter_mask`` (the serving mask). Only the logits that
+    predict completion tokens are materialised (``logits_to_keep``): a long prompt costs no
+    ``[T, vocab]`` float tensor.
     """
-    bsz, length = batch.input_ids.shape
+    length = batch.input_ids.shape[1]
     has_completion = batch.completion_mask.any(dim=0)
     start = int(has_completion.float().argmax()) if bool(has_completion.any()) else length - 1
     start = max(start, 1)
@@ -65,19 +67,32 @@ def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | None, te
         adapter_names=adapter_name,
         logits_to_keep=keep,
     )
-    logits = out.logits[:, :-1].float()  # positions start-1 .. T-2 predict tokens start .. T-1
+    return out.logits[:, :-1].float(), start  # positions start-1 .. T-2 predict tokens start .. T-1
+
+
+def gather_logprobs(logits: Tensor, batch: Batch, start: int, temperature: float = 1.0) -> Tensor:
+    """``[B, T]`` log-probs of ``batch``'s tokens under ``logits / temperature``; 0 before column ``start``."""
     if temperature != 1.0:
         logits = logits / temperature
     targets = batch.input_ids[:, start:]
     picked = logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.cat([picked.new_zeros(bsz, start), picked], dim=1)
+    return torch.cat([picked.new_zeros(picked.shape[0], start), picked], dim=1)
 
 
-def load_model(model_dir: str | Path, config: TrainConfig) -> tuple[PreftModel, Any, torch.device]:
-    """The base model (frozen) wrapped in a ``PreftModel``, its tokenizer, and the device."""
+def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | None, temperature: float = 1.0) -> Tensor:
+    """``[B, T]`` log-probability of each token given the tokens before it; 0 before the first completion token.
+
+    The log-prob of completion token ``t`` is exactly what incremental generation computes for it
+    (the serving ``adapter_mask``). ``adapter_name`` None runs the base model (the KL reference).
+    """
+    logits, start = completion_logits(model, batch, adapter_name)
+    return gather_logprobs(logits, batch, start, temperature)
+
+
+def load_model(model_dir: str | Path, config: TrainConfig, device: torch.device) -> tuple[PreftModel, Any]:
+    """The base model (frozen) on ``device``, wrapped in a ``PreftModel``, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
     if not Path(model_dir).is_dir():
         raise PreftError(f"model directory {str(model_dir)!r} does not exist (expected a local Hugging Face model directory)")
@@ -85,7 +100,59 @@ def load_model(model_dir: str | Path, config: TrainConfig) -> tuple[PreftModel, 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PreftModel(hf_model.to(device))
     model.eval()  # base dropout off; adapter dropout is switched on in train() below
-    return model, tokenizer, device
+    return model, tokenizer
+
+
+class SingleProcess:
+    """The few ``accelerate.Accelerator`` members the loop uses, for one process without ``accelerate`` installed."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def prepare(self, *objects: Any) -> Any:
+        return objects[0] if len(objects) == 1 else objects
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def reduce(self, tensor: Tensor, reduction: str = "sum") -> Tensor:
+        return tensor
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def make_accelerator(device: str | torch.device | None) -> tuple[Any, torch.device]:
+    """An ``accelerate.Accelerator`` (data parallel under ``accelerate launch``; a plain process otherwise).
+
+    The schedule steps once per optimizer step on every rank (``step_scheduler_with_optimizer=False``:
+    accelerate would otherwise step it ``num_processes`` times). ``device`` (``--device``) overrides the
+    placement of a single process; under ``accelerate launch`` each rank uses its own device.
+    Returns the accelerator and this process's device.
+    """
+    wanted = torch.device(device) if device else None
+    try:
+        from accelerate import Accelerator
+    except ImportError:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise PreftError("multi-process training needs accelerate: pip install 'preft[train]'") from None
+        single = SingleProcess(wanted or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return single, single.device
+    cpu = wanted is not None and wanted.type == "cpu"
+    accelerator = Accelerator(cpu=cpu, device_placement=wanted is None or cpu, step_scheduler_with_optimizer=False)
+    if wanted is not None and accelerator.num_processes == 1:
+        return accelerator, wanted
+    return accelerator, accelerator.device
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, schedule: str):
@@ -112,18 +179,25 @@ class AdapterTrainer:
     def __init__(self, model_dir: str | Path, config: TrainConfig, model: PreftModel | None = None, tokenizer: Any = None):
         self.config = config
         self.model_dir = str(model_dir)
+        self.accelerator, self.device = make_accelerator(config.device if model is None else next(model.parameters()).device)
+        acc = self.accelerator
         if model is None:
-            model, tokenizer, self.device = load_model(model_dir, config)
-        else:
-            self.device = next(model.parameters()).device
-        self.model, self.tokenizer = model, tokenizer
+            model, tokenizer = load_model(model_dir, config, self.device)
+        self.model, self.tokenizer = model, tokenizer  # the plain PreftModel: generation, saving, reference forwards
         self.name = config.adapter_name
-        torch.manual_seed(config.seed)  # the adapter's init is part of the seeded run
+        torch.manual_seed(config.seed)  # the adapter's init is part of the seeded run (the same on every rank)
         model.add_adapter(self.name, config.adapter_config())
         self.params = model.adapter_parameters(self.name)
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        if acc.num_processes > 1:
+            # DDP over the adapter parameters only (the base is frozen); training forwards go through it.
+            self.train_model, self.optimizer = acc.prepare(model, optimizer)
+        else:
+            self.train_model, self.optimizer = model, acc.prepare(optimizer)
+        self.world_size, self.rank = acc.num_processes, acc.process_index
+        self.is_main = acc.is_main_process
         self.output_dir = Path(config.output_dir)
-        self.metrics = MetricsLog(self.output_dir)
+        self.metrics = MetricsLog(self.output_dir, write=self.is_main)
         self.step = 0
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
@@ -155,7 +229,7 @@ class AdapterTrainer:
         if self.config.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         self.optimizer.step()
-        self.scheduler.step()
+        self.scheduler.step()  # once per update on every rank (see make_accelerator)
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -165,13 +239,18 @@ class AdapterTrainer:
         total = self.total_steps()
         updates = total * self.updates_per_step
         warmup = int(cfg.warmup_ratio * updates)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(updates, warmup, cfg.lr_scheduler_type))
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(updates, warmup, cfg.lr_scheduler_type))
+        self.scheduler = self.accelerator.prepare(schedule)
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
         if cfg.resume_from_checkpoint:
             self.load_checkpoint(self.resolve_checkpoint(cfg.resume_from_checkpoint))
         self.metrics.resume(self.step)
-        (self.output_dir / "train_config.json").write_text(json.dumps({"model_dir": self.model_dir, **asdict(cfg)}, indent=2) + "\n")
-        bar = tqdm(total=total, initial=self.step, disable=cfg.disable_tqdm, desc=f"{type(self).__name__} {cfg.adapter}-{cfg.policy}")
+        if self.is_main:
+            config_json = json.dumps({"model_dir": self.model_dir, "num_processes": self.world_size, **asdict(cfg)}, indent=2)
+            (self.output_dir / "train_config.json").write_text(config_json + "\n")
+        desc = f"{type(self).__name__} {cfg.adapter}-{cfg.policy}"
+        bar = tqdm(total=total, initial=self.step, disable=cfg.disable_tqdm or not self.is_main, desc=desc)
         while self.step < total:
             self.set_train(True)
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -190,8 +269,11 @@ class AdapterTrainer:
         bar.close()
         self.set_train(False)
         adapter_path = self.output_dir / "adapter"
-        self.model.save_adapter(self.name, str(adapter_path))
-        plot = self.metrics.plot(self.plot_panels, self.plot_name, title=f"{cfg.adapter} r={cfg.r} policy={cfg.policy}")
+        plot = None
+        if self.is_main:
+            self.model.save_adapter(self.name, str(adapter_path))
+            plot = self.metrics.plot(self.plot_panels, self.plot_name, title=f"{cfg.adapter} r={cfg.r} policy={cfg.policy}")
+        self.accelerator.wait_for_everyone()
         return TrainResult(adapter_path, self.output_dir, self.step, list(self.metrics.rows), plot)
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -200,8 +282,17 @@ class AdapterTrainer:
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> Path:
-        """``checkpoint-<step>/``: the servable adapter plus everything needed to continue exactly."""
+        """``checkpoint-<step>/``: the servable adapter plus everything needed to continue exactly.
+
+        Written by the main process (the adapter is identical on every rank); the others wait for it.
+        """
         path = self.output_dir / f"checkpoint-{self.step}"
+        if self.is_main:
+            self._write_checkpoint(path)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _write_checkpoint(self, path: Path) -> None:
         self.model.save_adapter(self.name, str(path / "adapter"))
         state = {
             "step": self.step,
@@ -218,7 +309,6 @@ class AdapterTrainer:
         if self.config.save_total_limit:
             for old in sorted(self.checkpoints())[: -self.config.save_total_limit]:
                 shutil.rmtree(old[1])
-        return path
 
     def checkpoints(self) -> list[tuple[int, Path]]:
         found = []
@@ -256,8 +346,18 @@ class AdapterTrainer:
         self.step = int(state["step"])
 
 
-def ordered_batches(n_rows: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Rows of micro-batch ``index`` in a seeded per-epoch shuffle: a pure function, so resume needs no data state."""
+def ordered_batches(n_rows: int, batch_size: int, seed: int, index: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Rows of micro-batch ``index`` in a seeded per-epoch shuffle: a pure function, so resume needs no data state.
+
+    With ``world_size`` processes the global micro-batch has ``batch_size * world_size`` rows and
+    ``rank`` takes its ``rank``-th contiguous share (possibly empty at the end of an epoch), so N
+    processes see exactly the rows one process would see with an N times larger batch.
+    """
+    rows = _ordered_rows(n_rows, batch_size * world_size, seed, index)
+    return rows[rank * batch_size : (rank + 1) * batch_size]
+
+
+def _ordered_rows(n_rows: int, batch_size: int, seed: int, index: int) -> list[int]:
     per_epoch = math.ceil(n_rows / batch_size)
     epoch, k = divmod(index, per_epoch)
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
