@@ -5,8 +5,9 @@ keys live in the blocks its ``block_table`` lists. Each step writes the new toke
 their cache slots, then every query attends to its sequence's cached keys up to its own
 position (causal with an offset: a chunk starting at ``start`` sees ``start + i + 1`` keys).
 
-This PyTorch version is correct on every device; decode-only batches take one padded,
-vectorised SDPA call, mixed batches loop over sequences.
+This PyTorch version is correct on every device: a batch runs as one padded SDPA call (queries
+padded to the longest chunk, keys to the longest context), or, when that padding would be too
+large (one long prefill chunk beside many decodes), as one SDPA call per sequence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# A padded batch (every sequence's queries padded to the longest chunk, keys to the longest context)
+# runs as one SDPA call; above this many attention scores the per-sequence loop is cheaper on memory.
+MAX_PADDED_SCORES = 1 << 26
+
 
 @dataclass
 class AttentionMetadata:
@@ -26,10 +31,45 @@ class AttentionMetadata:
     query_starts: list[int]  # per sequence: offset of its first new token in the batch
     query_lens: list[int]  # per sequence: number of new tokens
     context_lens: list[int]  # per sequence: tokens in the cache after this step (past + new)
-    block_tables: list[Tensor]  # per sequence: [num_blocks_needed] block ids
-    decode_only: bool  # every sequence has exactly one new token
-    padded_block_tables: Tensor | None = None  # [B, max_blocks] (decode_only)
-    context_lens_tensor: Tensor | None = None  # [B] (decode_only)
+    block_tables: list[list[int]]  # per sequence: the blocks holding its context
+    padded: PaddedBatch | None = None  # set when the batch runs as one padded SDPA call
+
+
+@dataclass
+class PaddedBatch:
+    block_tables: Tensor  # [B, max_blocks] (padding: block 0, masked out)
+    query_rows: Tensor  # [B, Q] row of each padded query in the flattened batch (padding: row 0)
+    query_valid: Tensor  # [B, Q] bool
+    attn_mask: Tensor  # [B, 1, Q, K] bool: causal with each sequence's offset, keys beyond its context masked
+
+
+def build_metadata(
+    slot_mapping: Tensor,
+    query_starts: list[int],
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+) -> AttentionMetadata:
+    meta = AttentionMetadata(slot_mapping, query_starts, query_lens, context_lens, block_tables)
+    device = slot_mapping.device
+    batch, q_len = len(query_lens), max(query_lens)
+    width = max(len(t) for t in block_tables)
+    if batch * q_len * width * block_size > MAX_PADDED_SCORES:
+        return meta
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long, device=device)
+    starts = torch.tensor(query_starts, device=device)
+    lens = torch.tensor(query_lens, device=device)
+    ctx = torch.tensor(context_lens, device=device)
+    i = torch.arange(q_len, device=device)
+    valid = i[None, :] < lens[:, None]  # [B, Q]
+    rows = torch.where(valid, starts[:, None] + i[None, :], 0)
+    query_pos = ctx[:, None] - lens[:, None] + i[None, :]  # absolute position of each query
+    key_pos = torch.arange(width * block_size, device=device)
+    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, K]; also keeps keys < ctx
+    mask[:, :, 0] |= ~valid  # padding queries see one key, so no row is fully masked (no NaN)
+    meta.padded = PaddedBatch(tables, rows, valid, mask[:, None])
+    return meta
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
@@ -40,14 +80,13 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mappin
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
     """``q [N, heads, head_dim]`` -> ``[N, heads, head_dim]``, each query attending causally to its sequence's cache."""
-    if meta.decode_only:
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    if meta.padded is not None:
+        return _padded_attention(q, k_cache, v_cache, meta.padded, scale)
     out = torch.empty_like(q)
-    block_size = k_cache.shape[1]
     for start, n, ctx, table in zip(meta.query_starts, meta.query_lens, meta.context_lens, meta.block_tables):
+        table = torch.tensor(table, dtype=torch.long, device=q.device)
         k = k_cache[table].flatten(0, 1)[:ctx]  # [ctx, kv_heads, D]
         v = v_cache[table].flatten(0, 1)[:ctx]
-        assert table.numel() * block_size >= ctx
         key_pos = torch.arange(ctx, device=q.device)
         query_pos = torch.arange(ctx - n, ctx, device=q.device)
         mask = key_pos[None, :] <= query_pos[:, None]  # [n, ctx]
@@ -58,12 +97,11 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attention
     return out
 
 
-def _decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
-    tables = meta.padded_block_tables  # [B, max_blocks]
-    k = k_cache[tables].flatten(1, 2)  # [B, L, kv_heads, D]
-    v = v_cache[tables].flatten(1, 2)
-    mask = torch.arange(k.shape[1], device=q.device)[None, :] < meta.context_lens_tensor[:, None]  # [B, L]
+def _padded_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, padded: PaddedBatch, scale: float) -> Tensor:
+    k = k_cache[padded.block_tables].flatten(1, 2)  # [B, K, kv_heads, D]
+    v = v_cache[padded.block_tables].flatten(1, 2)
+    q_pad = q[padded.query_rows]  # [B, Q, heads, D]
     o = F.scaled_dot_product_attention(
-        q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-    )  # [B, heads, 1, D]
-    return o.squeeze(2)
+        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=padded.attn_mask, scale=scale, enable_gqa=True
+    )  # [B, heads, Q, D]
+    return o.transpose(1, 2)[padded.query_valid]  # valid rows in batch order = the flattened token order

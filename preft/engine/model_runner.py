@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from preft.engine.adapter_manager import AdapterManager
-from preft.engine.attention import AttentionMetadata
+from preft.engine.attention import AttentionMetadata, build_metadata
 from preft.engine.model import CausalLM
 from preft.engine.sampler import Sampler
 from preft.engine.sequence import Sequence
@@ -77,19 +77,7 @@ class ModelRunner:
             block_tables.append(table[: -(-end // bs)])
             if item.samples:
                 logits_rows.append(len(input_ids) - 1)
-        decode_only = all(n == 1 for n in query_lens)
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slot_mapping),
-            query_starts=query_starts,
-            query_lens=query_lens,
-            context_lens=context_lens,
-            block_tables=[self._tensor(t) for t in block_tables] if not decode_only else [],
-            decode_only=decode_only,
-        )
-        if decode_only:
-            width = max(len(t) for t in block_tables)
-            meta.padded_block_tables = self._tensor([t + [0] * (width - len(t)) for t in block_tables])
-            meta.context_lens_tensor = self._tensor(context_lens)
+        meta = build_metadata(self._tensor(slot_mapping), query_starts, query_lens, context_lens, block_tables, bs)
         return self._tensor(input_ids), self._tensor(positions), meta, logits_rows
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):

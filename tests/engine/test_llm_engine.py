@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import KINDS, POLICIES, adapter_name, assert_matches_reference
 
+import preft.engine.attention as attention_module
 from preft.engine import LLM, SamplingParams
 from preft.hf import generate
 
@@ -49,7 +50,10 @@ def mixed_batch():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_mixed_batch_of_many_adapters_and_base_rows_equals_reference(family_pair, family):
+@pytest.mark.parametrize("attention", ["padded", "per-sequence"])
+def test_mixed_batch_of_many_adapters_and_base_rows_equals_reference(family_pair, monkeypatch, family, attention):
+    if attention == "per-sequence":
+        monkeypatch.setattr(attention_module, "MAX_PADDED_SCORES", 0)
     llm, ref = family_pair(family)
     prompts, names = mixed_batch()
     assert len({n for n in names if n}) > llm.engine.adapters.num_slots  # more adapters than slots: some requests wait

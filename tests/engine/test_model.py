@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from preft.engine import LLM, SamplingParams
-from preft.engine.attention import AttentionMetadata
+from preft.engine.attention import build_metadata
 from preft.engine.model import load_model
 from preft.errors import PreftError, UnsupportedModelError
 from preft.tiny import build_tiny_checkpoint
@@ -26,9 +26,9 @@ def one_sequence_forward(model, ids: list[int]) -> torch.Tensor:
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv = torch.zeros(2, cfg.num_hidden_layers, blocks, block_size, cfg.num_key_value_heads, head_dim)
-    table = torch.arange(blocks).flip(0)  # non-contiguous block order
-    slots = torch.tensor([int(table[p // block_size]) * block_size + p % block_size for p in range(n)])
-    meta = AttentionMetadata(slots, [0], [n], [n], [table], decode_only=False)
+    table = list(range(blocks))[::-1]  # non-contiguous block order
+    slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
+    meta = build_metadata(slots, [0], [n], [n], [table], block_size)
     with torch.inference_mode():
         return model.logits(model(torch.tensor(ids), torch.arange(n), kv, meta))
 
