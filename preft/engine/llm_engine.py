@@ -210,17 +210,19 @@ class LLMEngine:
         seq.append_token(token_id)
         self.generation_tokens += 1
         params = seq.params
-        seq.text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
         reason = None
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             reason = "stop"
-        elif params.stop:
-            cut = min((i for i in (seq.text.find(s) for s in params.stop) if i >= 0), default=-1)
+        elif len(seq.completion_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        searched = len(seq.text)
+        detokenize(self.tokenizer, seq, flush=reason is not None)
+        if params.stop:
+            start = max(0, searched - max(map(len, params.stop)) + 1)
+            cut = min((i for i in (seq.text.find(s, start) for s in params.stop) if i >= 0), default=-1)
             if cut >= 0:
                 seq.text = seq.text[:cut]
                 reason = "stop"
-        if reason is None and (len(seq.completion_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
@@ -260,6 +262,20 @@ class LLMEngine:
             prefix_cache_hits=self.block_manager.hits,
             prefix_cache_queries=self.block_manager.queries,
         )
+
+
+def detokenize(tokenizer, seq: Sequence, flush: bool = False) -> None:
+    """Extend ``seq.text`` by the text of its newest tokens, decoding only a short window (not the whole output).
+
+    Bytes of a character that is not complete yet (the window decodes to a trailing U+FFFD) wait
+    for the next token unless ``flush``.
+    """
+    tokens = seq.completion_token_ids
+    prefix = tokenizer.decode(tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+    window = tokenizer.decode(tokens[seq.prefix_offset :], skip_special_tokens=True)
+    if len(window) > len(prefix) and (flush or not window.endswith("\ufffd")):
+        seq.text += window[len(prefix) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(tokens)
 
 
 def held_back(text: str, stops: list[str]) -> int:

@@ -91,6 +91,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.text = ""  # decoded output, stop string cut when finished
+        self.prefix_offset = self.read_offset = 0  # incremental detokenisation window over the completion tokens
         self.new_token_ids: list[int] = []  # since the last RequestOutput
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()

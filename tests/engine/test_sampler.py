@@ -8,7 +8,8 @@ import re
 import pytest
 
 from preft.engine import SamplingParams
-from preft.engine.llm_engine import held_back
+from preft.engine.llm_engine import detokenize, held_back
+from preft.engine.sequence import Sequence
 from preft.errors import PreftError
 from preft.hf import generate
 
@@ -117,3 +118,19 @@ def test_abort_frees_blocks_and_slot(family_pair):
     assert engine.abort_request("x") is None
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_used"] == 0
     assert not engine.has_unfinished_requests()
+
+
+def test_incremental_text_equals_decoding_all_tokens(family_pair):
+    llm, _ = family_pair("llama")
+    for seed in range(3):
+        out = completion(llm, SamplingParams(max_tokens=30, temperature=1.0, seed=seed, ignore_eos=True))
+        assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    text = "héllo wörld ✓ done"
+    ids = llm.tokenizer.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    seq = Sequence("r", [5], SamplingParams())
+    for i, token in enumerate(ids):
+        seq.append_token(token)
+        detokenize(llm.tokenizer, seq, flush=i == len(ids) - 1)
+        assert text.startswith(seq.text)  # never a broken character on the way
+    assert seq.text == text
