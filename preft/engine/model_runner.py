@@ -82,26 +82,25 @@ class ModelRunner:
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):
         """Per-token adapter slots; None when no token of the step is adapted."""
-        lora_slot = reft_slot = None
-        lora_active: set[int] = set()
-        reft_active: set[int] = set()
+        slots = {"lora": [-1] * num_tokens, "reft": [-1] * num_tokens}
+        active: dict[str, set[int]] = {"lora": set(), "reft": set()}
         offset = 0
         for item in batch:
             seq, n = item.seq, item.num_new_tokens
-            mask = seq.adapter_mask(item.start, item.end)
-            if mask is not None:
-                assert seq.slot is not None, f"sequence of request {seq.request_id!r} is adapted but holds no adapter slot"
-                is_lora = seq.adapter.kind == "lora"
-                if is_lora and lora_slot is None:
-                    lora_slot = torch.full((num_tokens,), -1, dtype=torch.long)
-                if not is_lora and reft_slot is None:
-                    reft_slot = torch.full((num_tokens,), -1, dtype=torch.long)
-                target = lora_slot if is_lora else reft_slot
-                target[offset : offset + n][mask] = seq.slot
-                (lora_active if is_lora else reft_active).add(seq.slot)
+            if seq.adapter is not None and (seq.adapter.policy == "all" or item.start < seq.num_prompt_tokens):
+                if item.start >= seq.num_prompt_tokens:  # decode tokens of an `all` adapter: every one adapted
+                    selected = [True] * n
+                else:
+                    mask = seq.adapter_mask(item.start, item.end)
+                    selected = [] if mask is None else mask.tolist()
+                if any(selected):
+                    assert seq.slot is not None, f"sequence of request {seq.request_id!r} is adapted but holds no adapter slot"
+                    kind = "lora" if seq.adapter.kind == "lora" else "reft"
+                    slots[kind][offset : offset + n] = [seq.slot if m else -1 for m in selected]
+                    active[kind].add(seq.slot)
             offset += n
-        to_device = lambda t: None if t is None else t.to(self.device)  # noqa: E731
-        return self.adapters.batch(to_device(lora_slot), lora_active, to_device(reft_slot), reft_active)
+        tensors = {kind: self._tensor(slots[kind]) if active[kind] else None for kind in slots}
+        return self.adapters.batch(tensors["lora"], active["lora"], tensors["reft"], active["reft"])
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> list[int]:
