@@ -32,6 +32,7 @@ class AttentionMetadata:
     query_lens: list[int]  # per sequence: number of new tokens
     context_lens: list[int]  # per sequence: tokens in the cache after this step (past + new)
     block_tables: list[list[int]]  # per sequence: the blocks holding its context
+    sliding_window: int | None = None  # a query sees only the last `sliding_window` positions (Mistral)
     padded: PaddedBatch | None = None  # set when the batch runs as one padded SDPA call
 
 
@@ -50,8 +51,9 @@ def build_metadata(
     context_lens: list[int],
     block_tables: list[list[int]],
     block_size: int,
+    sliding_window: int | None = None,
 ) -> AttentionMetadata:
-    meta = AttentionMetadata(slot_mapping, query_starts, query_lens, context_lens, block_tables)
+    meta = AttentionMetadata(slot_mapping, query_starts, query_lens, context_lens, block_tables, sliding_window)
     device = slot_mapping.device
     batch, q_len = len(query_lens), max(query_lens)
     width = max(len(t) for t in block_tables)
@@ -66,10 +68,16 @@ def build_metadata(
     rows = torch.where(valid, starts[:, None] + i[None, :], 0)
     query_pos = ctx[:, None] - lens[:, None] + i[None, :]  # absolute position of each query
     key_pos = torch.arange(width * block_size, device=device)
-    mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, Q, K]; also keeps keys < ctx
+    mask = causal_mask(query_pos[:, :, None], key_pos[None, None, :], sliding_window)  # [B, Q, K]; also keeps keys < ctx
     mask[:, :, 0] |= ~valid  # padding queries see one key, so no row is fully masked (no NaN)
     meta.padded = PaddedBatch(tables, rows, valid, mask[:, None])
     return meta
+
+
+def causal_mask(query_pos: Tensor, key_pos: Tensor, sliding_window: int | None) -> Tensor:
+    """Whether a query at ``query_pos`` sees the key at ``key_pos`` (broadcast), with an optional sliding window."""
+    mask = key_pos <= query_pos
+    return mask & (key_pos > query_pos - sliding_window) if sliding_window else mask
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
@@ -89,7 +97,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attention
         v = v_cache[table].flatten(0, 1)[:ctx]
         key_pos = torch.arange(ctx, device=q.device)
         query_pos = torch.arange(ctx - n, ctx, device=q.device)
-        mask = key_pos[None, :] <= query_pos[:, None]  # [n, ctx]
+        mask = causal_mask(query_pos[:, None], key_pos[None, :], meta.sliding_window)  # [n, ctx]
         o = F.scaled_dot_product_attention(
             q[start : start + n].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
         )

@@ -25,7 +25,7 @@ from transformers import AutoConfig
 
 from preft.adapters import check_family
 from preft.engine.attention import AttentionMetadata, paged_attention, write_kv
-from preft.errors import PreftError
+from preft.errors import PreftError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from preft.engine.adapter_manager import AdapterBatch
@@ -39,6 +39,15 @@ def load_config(model_dir: str | Path) -> Any:
     raw = json.loads(config_path.read_text())
     check_family(raw)
     return AutoConfig.from_pretrained(model_dir)
+
+
+def sliding_window(config: Any) -> int | None:
+    """Mistral's attention window (every layer), or None; Qwen's per-layer windows are not implemented."""
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", False):
+        raise UnsupportedModelError(f"{config.model_type} with use_sliding_window=True is not supported; preft runs full attention only")
+    return None
 
 
 def rope_inv_freq(config: Any) -> tuple[Tensor, float]:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from preft.engine.adapter_manager import AdapterManager
 from preft.engine.attention import AttentionMetadata, build_metadata
-from preft.engine.model import CausalLM
+from preft.engine.model import CausalLM, sliding_window
 from preft.engine.sampler import Sampler
 from preft.engine.sequence import Sequence
 
@@ -57,6 +57,7 @@ class ModelRunner:
             2, config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=self.device
         )
         self.sampler = Sampler()
+        self.sliding_window = sliding_window(config)
 
     def _tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -77,7 +78,7 @@ class ModelRunner:
             block_tables.append(table[: -(-end // bs)])
             if item.samples:
                 logits_rows.append(len(input_ids) - 1)
-        meta = build_metadata(self._tensor(slot_mapping), query_starts, query_lens, context_lens, block_tables, bs)
+        meta = build_metadata(self._tensor(slot_mapping), query_starts, query_lens, context_lens, block_tables, bs, self.sliding_window)
         return self._tensor(input_ids), self._tensor(positions), meta, logits_rows
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):

@@ -19,7 +19,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ATOL = 1e-4  # float32 logits; measured ~2e-6
 
 
-def one_sequence_forward(model, ids: list[int]) -> torch.Tensor:
+def one_sequence_forward(model, ids: list[int], window: int | None = None) -> torch.Tensor:
     """Logits of a single-sequence prefill through a fresh paged cache (block size 4)."""
     n, block_size = len(ids), 4
     blocks = -(-n // block_size)
@@ -28,7 +28,7 @@ def one_sequence_forward(model, ids: list[int]) -> torch.Tensor:
     kv = torch.zeros(2, cfg.num_hidden_layers, blocks, block_size, cfg.num_key_value_heads, head_dim)
     table = list(range(blocks))[::-1]  # non-contiguous block order
     slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
-    meta = build_metadata(slots, [0], [n], [n], [table], block_size)
+    meta = build_metadata(slots, [0], [n], [n], [table], block_size, window)
     with torch.inference_mode():
         return model.logits(model(torch.tensor(ids), torch.arange(n), kv, meta))
 
@@ -82,3 +82,17 @@ def test_bfloat16_engine_runs_and_mostly_agrees_with_float32(tmp_path):
     bf16 = LLM(path, dtype="bfloat16", device="cpu", num_kv_blocks=32).generate([[5, 6, 7, 8]], params, use_tqdm=False)[0]
     fp32 = LLM(path, dtype="float32", device="cpu", num_kv_blocks=32).generate([[5, 6, 7, 8]], params, use_tqdm=False)[0]
     assert bf16.outputs[0].token_ids[0] == fp32.outputs[0].token_ids[0]  # first token: robust to bf16 rounding here
+
+
+def test_mistral_sliding_window_equals_transformers(tmp_path):
+    path = build_tiny_checkpoint(tmp_path / "swa", "mistral", sliding_window=4)
+    ids = [5, 17, 42, 99, 130, 7, 64, 33, 21, 250, 3]
+    ours = one_sequence_forward(load_model(path, torch.float32, "cpu"), ids, window=4)
+    full = one_sequence_forward(load_model(path, torch.float32, "cpu"), ids)
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max().item() < ATOL
+    assert (full - theirs).abs().max().item() > 1e-3  # the window matters for this prompt
+    out = LLM(path, device="cpu", num_kv_blocks=32, block_size=4).generate(
+        [ids], SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False
+    )
+    assert out[0].outputs[0].token_ids[0] == int(theirs[-1].argmax())
