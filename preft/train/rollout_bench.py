@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"{args.prompts} prompts x {args.num_generations} generations x {args.max_completion_length} tokens on {device}:")
     for row in rows:
-        print(f"  {row['backend']:7s} median {row['median_s']:.3f} s per rollout ({row['tokens_per_rollout']:.0f} completion tokens)  {row['times_s']}")
+        print(
+            f"  {row['backend']:7s} median {row['median_s']:.3f} s per rollout ({row['tokens_per_rollout']:.0f} completion tokens)  {row['times_s']}"
+        )
     print(f"  engine / hf: {rows[1]['median_s'] / rows[0]['median_s']:.2f}x the time")
 
 

@@ -148,7 +148,7 @@ def make_accelerator(device: str | torch.device | None) -> tuple[Any, torch.devi
             raise PreftError("multi-process training needs accelerate: pip install 'preft[train]'") from None
         single = SingleProcess(wanted or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         return single, single.device
-    cpu = wanted is not None and wanted.type == "cpu"
+    cpu = wanted.type == "cpu" if wanted is not None else not torch.cuda.is_available()  # cpu=True: gloo across CPU processes
     accelerator = Accelerator(cpu=cpu, device_placement=wanted is None or cpu, step_scheduler_with_optimizer=False)
     if wanted is not None and accelerator.num_processes == 1:
         return accelerator, wanted
