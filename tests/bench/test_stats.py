@@ -100,6 +100,15 @@ def test_flatness_flags_a_decode_step_that_grows_with_adapters() -> None:
     assert flat["lora"]["max_relative_deviation"] == pytest.approx(0.5)
 
 
+def test_flatness_relative_to_base_cancels_load_that_slows_every_mode() -> None:
+    # The machine got 2x slower at 512 adapters: base shows it too, so lora-p is flat relative to base.
+    runs = [_row("base", 1, 0, 1.0), _row("base", 512, 0, 2.0), _row("lora-p", 1, 0, 1.0), _row("lora-p", 512, 0, 2.02)]
+    flat = flatness(runs)["lora-p"]
+    assert flat["flat_within_5pct"] is False
+    assert flat["flat_within_5pct_vs_base"] is True
+    assert flat["decode_step_vs_base"] == pytest.approx({"1": 1.0, "512": 1.01})
+
+
 def test_cli_flags_map_onto_the_bench_config() -> None:
     import argparse
 
