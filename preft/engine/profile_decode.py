@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--device", default=None)
     parser.add_argument("--plot", default=None, help="write a PNG of step time vs number of adapters")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps timings stable on a shared machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or str(build_tiny_checkpoint(tmp, "llama"))
         decode_step_ms(model_dir, 2, 4, 3, args.rank, args.prompt_len, args.device)  # warm-up, untimed
@@ -95,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         for n in tqdm(args.adapters, desc="profile decode"):
             for mode, ms in decode_step_ms(model_dir, n, args.batch, args.steps, args.rank, args.prompt_len, args.device).items():
                 results[mode][n] = ms
-    print(f"\ndecode step time (ms, median of {args.steps}), batch {args.batch}, rank {args.rank}, prompt {args.prompt_len} tokens")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"\ndecode step time (ms, median of {args.steps}), {device}, batch {args.batch}, rank {args.rank}, prompt {args.prompt_len} tokens"
+    )
     print("| adapters | " + " | ".join(MODES) + " | lora-all / lora-prefill |")
     print("|---" * (len(MODES) + 2) + "|")
     for n in args.adapters:
