@@ -15,7 +15,7 @@ import torch
 from preft.hf import PreftModel, generate
 from preft.train import SFTConfig, SFTTrainer, TrainResult
 from preft.train.data import collate
-from preft.train.trainer import load_model, token_logprobs
+from preft.train.trainer import token_logprobs
 
 RESULTS = Path("experiments/results")
 DEFAULT_BASE = "preft/assets/base"
@@ -29,8 +29,10 @@ def write_jsonl(rows: list[dict], path: Path) -> Path:
 
 def load_base(model_dir: str | Path) -> tuple[PreftModel, Any]:
     """The base model in float32 on CPU, wrapped for adapters, and its tokenizer."""
-    model, tokenizer, _ = load_model(model_dir, SFTConfig(device="cpu", bf16=False))
-    return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = PreftModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
 
 
 def train_adapter(

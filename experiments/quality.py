@@ -129,10 +129,11 @@ def plot_sft(result: dict, path: Path) -> None:
 
 
 def run_length(args: argparse.Namespace) -> dict:
-    """Uppercase-copy adapters trained on short or long completions, scored per completion position and per length."""
+    """Adapters that recite 1..N of a user's profile facts, trained on short (1-2 facts) or long (1-N) answers,
+    scored per completion position (teacher-forced NLL) and by answer length (greedy exact match)."""
     model, tokenizer = load_base(args.base)
-    eval_rows = synthetic.long_format_rows("upper", args.eval_rows, seed=2, min_words=1, max_words=args.max_words)
-    train_sets = {"short": (1, 3), "long": (1, args.max_words)}
+    eval_rows = synthetic.profile_summary_rows(STUDY_USER, args.eval_rows, seed=2, min_facts=1, max_facts=args.max_words)
+    train_sets = {"short": (1, 2), "long": (1, args.max_words)}
     arms = []
     for train_name, (lo, hi) in train_sets.items():
         for method in args.methods:
@@ -140,10 +141,10 @@ def run_length(args: argparse.Namespace) -> dict:
                 arms += [(train_name, lo, hi, method, rank, seed) for seed in args.seeds]
     runs = []
     prompts, answers = split_rows(eval_rows)
-    words = [len(a.split()) for a in answers]
+    words = [a.count(".") for a in answers]  # facts in the answer
     for train_name, lo, hi, method, rank, seed in tqdm(arms, desc="length study"):
         kind, policy = METHODS[method]
-        train_rows = synthetic.long_format_rows("upper", args.train_rows, seed=1, min_words=lo, max_words=hi)
+        train_rows = synthetic.profile_summary_rows(STUDY_USER, args.train_rows, seed=1, min_facts=lo, max_facts=hi)
         fields = adapter_fields(kind, policy, rank, args.lr, args.steps, args.batch_size, seed)
         work = args.work / f"length/{train_name}-{method}-r{rank}-s{seed}"
         train_adapter(model, tokenizer, args.base, train_rows, None, work, keep=True, adapter_name="study", **fields)
@@ -162,12 +163,12 @@ def run_length(args: argparse.Namespace) -> dict:
             )
         )
         tqdm.write(f"{train_name:5s} {method:7s} r={rank:<3d} seed={seed}: exact {sum(runs[-1]['exact']) / len(texts):.3f}")
-    # The in-context ceiling: the base model told the format in a system prompt.
-    instructed = [[{"role": "system", "content": synthetic.FORMATS["upper"][0]}, *p] for p in prompts]
+    # The in-context alternative: the base model given the profile in a system prompt.
+    instructed = [[{"role": "system", "content": synthetic.profile_system(STUDY_USER.profile)}, *p] for p in prompts]
     base_texts = greedy_answers(model, tokenizer, instructed, None, max_new_tokens=args.max_new_tokens)
     return {
         "study": "length",
-        "task": f"Repeat: <1..{args.max_words} words>, answered in uppercase (the user's preferred format), no system prompt",
+        "task": f"'Tell me my <1..{args.max_words} profile fields>', answered from the adapter alone (no system prompt)",
         "words": words,
         "base_with_instruction_exact": [t == a for t, a in zip(base_texts, answers)],
         "runs": runs,
@@ -183,8 +184,7 @@ def exact_by_words(exact: list[bool], words: list[int], bins: list[tuple[int, in
 
 
 def length_bins(max_words: int) -> list[tuple[int, int]]:
-    edges = [1, 3, 6, 9, max_words + 1]
-    return [(a, min(b - 1, max_words)) for a, b in zip(edges, edges[1:]) if a <= max_words]
+    return [(k, k) for k in range(1, max_words + 1)]
 
 
 def length_groups(result: dict) -> dict[tuple, list[dict]]:
@@ -197,7 +197,7 @@ def length_groups(result: dict) -> dict[tuple, list[dict]]:
 def length_table(result: dict) -> str:
     words = result["words"]
     bins = length_bins(max(words))
-    head = " | ".join(f"{lo}-{hi} words" for lo, hi in bins)
+    head = " | ".join(f"{lo} facts" for lo, hi in bins)
     lines = [f"| trained on | method | rank | {head} |", "|---" * (3 + len(bins)) + "|"]
     for (train, method, rank), runs in length_groups(result).items():
         per_seed = [exact_by_words(r["exact"], words, bins) for r in runs]
@@ -227,13 +227,13 @@ def plot_length(result: dict, path: Path) -> None:
             label=label,
         )
     base = exact_by_words(result["base_with_instruction_exact"], words, bins)
-    ax2.plot(range(len(bins)), [float("nan") if b is None else b for b in base], "k:", label="base + system prompt")
+    ax2.plot(range(len(bins)), [float("nan") if b is None else b for b in base], "k:", label="base + profile in system prompt")
     ax1.set_yscale("log")
     ax1.set_xlabel("completion token position")
     ax1.set_ylabel("NLL (teacher-forced)")
     ax1.set_title("loss by position in the answer")
-    ax2.set_xticks(range(len(bins)), [f"{lo}-{hi}" for lo, hi in bins])
-    ax2.set_xlabel("answer length (words)")
+    ax2.set_xticks(range(len(bins)), [str(lo) for lo, hi in bins])
+    ax2.set_xlabel("answer length (profile facts, ~25 tokens each)")
     ax2.set_ylabel("exact match (greedy)")
     ax2.set_title("quality vs output length")
     ax2.legend(fontsize=7)
@@ -343,13 +343,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--train-rows", type=int, default=512)
     p.add_argument("--eval-rows", type=int, default=128)
-    p.add_argument("--max-words", type=int, default=12, help="length study: longest answer in words")
-    p.add_argument("--max-positions", type=int, default=96, help="length study: completion positions scored")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-words", type=int, default=6, help="length study: most profile facts in one answer")
+    p.add_argument("--max-positions", type=int, default=180, help="length study: completion positions scored")
+    p.add_argument("--max-new-tokens", type=int, default=180)
     p.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt")
     p.add_argument("--grpo-prompts", type=int, default=2, help="GRPO: prompts per step")
-    p.add_argument("--grpo-max-tokens", type=int, default=8, help="GRPO: longest sampled completion")
-    p.add_argument("--grpo-skills", nargs="+", default=["add"], choices=list(synthetic.SKILLS), help="GRPO: task skills")
+    p.add_argument("--grpo-max-tokens", type=int, default=4, help="GRPO: longest sampled completion")
+    p.add_argument("--grpo-skills", nargs="+", default=["recall"], choices=list(synthetic.SKILLS), help="GRPO: task skills")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     defaults = {"sft": (list(METHODS), [1, 4, 16, 64]), "length": (["LoRA", "LoRA-P"], [4, 16]), "grpo": (["LoRA", "LoRA-P"], [8])}

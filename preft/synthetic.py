@@ -268,3 +268,18 @@ DEMO_USERS = {
     "bob": User("bob", {"name": "Bob", "city": "Tokyo", "pet": "turtle", "color": "purple", "job": "chef", "food": "tacos"}),
     "carol": User("carol", {"name": "Carol", "city": "Lima", "pet": "parrot", "color": "teal", "job": "doctor", "food": "ramen"}, "upper"),
 }
+
+
+def profile_summary_rows(user: User, n: int, seed: int, min_facts: int, max_facts: int) -> list[dict]:
+    """``Tell me my name, city and pet.`` answered with every asked fact of ``user``'s profile, in order.
+
+    The number of facts is the answer-length knob of the length study: under the prefill policy
+    every fact after the first is written by the base model, which only sees the adapted prompt KV.
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        fields = rng.sample(list(user.profile), rng.randint(min_facts, min(max_facts, len(user.profile))))
+        asked = fields[0] if len(fields) == 1 else ", ".join(fields[:-1]) + " and " + fields[-1]
+        rows.append(_chat(f"Tell me my {asked}.", " ".join(profile_answer(user.profile, f) for f in fields)))
+    return rows
