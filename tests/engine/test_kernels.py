@@ -176,6 +176,43 @@ def test_bgmv_is_cuda_graph_capturable_with_device_ranks() -> None:
     torch.testing.assert_close(inputs["out"].cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
+INT_POINTERS = {"token_slot_ptr", "ranks_ptr", "tile_segment_ptr", "tile_start_ptr", "token_start_ptr", "count_ptr", "sorted_rows_ptr"}
+FP32_POINTERS = {"code_ptr", "scaling_ptr"}
+LARGEST_TILES = {  # the biggest constexpr tiles triton_grouped_low_rank picks (rank 64)
+    "_bgmv_shrink_kernel": {"HAS_BIAS": True, "BLOCK_R": 64, "BLOCK_K": 64},
+    "_bgmv_expand_kernel": {"BLOCK_N": 64, "BLOCK_R": 64},
+    "_sgmv_shrink_kernel": {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_R": 64, "BLOCK_K": 64},
+    "_sgmv_expand_kernel": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_R": 64},
+}
+
+
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_kernels_compile_to_cubin_without_register_spills(arch: int, dtype: str) -> None:
+    """Ahead-of-time compilation for H100 / A100 (no GPU needed): catches what the interpreter does not check."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from preft.engine.kernels import grouped_low_rank as kernels
+
+    for name, constexprs in LARGEST_TILES.items():
+        fn = getattr(kernels, name)
+        constexprs = {**constexprs, **({"PRECISION": "ieee" if dtype == "fp32" else "tf32"} if "PRECISION" in fn.arg_names else {})}
+        signature = {
+            arg: "constexpr" if arg in constexprs
+            else "*i32" if arg in INT_POINTERS
+            else "*fp32" if arg in FP32_POINTERS
+            else f"*{dtype}" if arg.endswith("_ptr")
+            else "i32"
+            for arg in fn.arg_names
+        }  # fmt: skip
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+        ptx = compiled.asm["ptx"]
+        assert "cubin" in compiled.asm, f"{name} ({dtype}) did not assemble for sm_{arch}"
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name} ({dtype}) spills registers to local memory on sm_{arch}"
+
+
 def test_reference_equals_per_token_low_rank_delta() -> None:
     """The reference (what the kernels are held to) is, token by token, ``low_rank_delta`` at the slot's rank."""
     case = CASES[0]
