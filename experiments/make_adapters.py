@@ -25,8 +25,9 @@ from experiments.common import DEFAULT_BASE, RESULTS, greedy_answers, load_base,
 from preft import synthetic
 from preft.adapters import load_adapter
 
-# name -> (adapter kind, rank): every demo adapter has the prefill policy.
-DEMO_ADAPTERS = {"alice": ("lora", 8), "bob": ("direft", 8), "carol": ("direft", 8)}
+# name -> (adapter kind, rank, steps): every demo adapter has the prefill policy. DiReFT-P needs more steps
+# than LoRA-P to put the facts into the prompt's KV (150 steps at rank 8: 0.56 vs LoRA-P's 1.00 held-out exact).
+DEMO_ADAPTERS = {"alice": ("lora", 8, 150), "bob": ("direft", 16, 400), "carol": ("direft", 16, 400)}
 DEMO_QUESTIONS = [
     "What is my name?",
     "Where do I live?",
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=DEFAULT_BASE)
     p.add_argument("--out", type=Path, default=Path("preft/assets/adapters"))
     p.add_argument("--results", type=Path, default=RESULTS / "adapters")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default: per adapter, DEMO_ADAPTERS)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--names", nargs="+", default=list(DEMO_ADAPTERS), choices=list(DEMO_ADAPTERS))
@@ -54,14 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_base(args.base)
     report: dict = {"base": args.base, "questions": DEMO_QUESTIONS, "adapters": {}}
     for name in args.names:
-        kind, rank = DEMO_ADAPTERS[name]
+        kind, rank, steps = DEMO_ADAPTERS[name]
         user = synthetic.DEMO_USERS[name]
         fields = dict(
             adapter=kind,
             policy="prefill",
             r=rank,
             learning_rate=args.lr,
-            max_steps=args.steps,
+            max_steps=args.steps or steps,
             per_device_train_batch_size=16,
             seed=args.seed,
         )
