@@ -33,4 +33,18 @@ def family_pair(tiny_checkpoint):
             built[family] = (llm, ref)
         return built[family]
 
+    get.built = built
     return get
+
+
+@pytest.fixture(autouse=True)
+def shared_engines_end_empty(request):
+    """After every test, each shared engine is idle: no request left, KV pool and adapter slots empty."""
+    yield
+    if "family_pair" not in request.fixturenames:
+        return
+    for family, (llm, _) in request.getfixturevalue("family_pair").built.items():
+        stats = llm.engine.stats()
+        assert not llm.engine.has_unfinished_requests(), f"{family} engine still has requests"
+        assert stats["kv_blocks_used"] == 0, f"{family} engine leaked {stats['kv_blocks_used']} KV blocks"
+        assert stats["adapter_slots_used"] == 0, f"{family} engine leaked adapter slots"
