@@ -7,11 +7,12 @@ mixed batches, chunked prefill, preemption and prefix-cache hits.
 from __future__ import annotations
 
 import pytest
-from engine_helpers import KINDS, POLICIES, adapter_name, assert_matches_reference
+from engine_helpers import KINDS, POLICIES, adapter_config, adapter_name, assert_matches_reference
 
 import preft.engine.attention as attention_module
 from preft.engine import LLM, SamplingParams
 from preft.hf import generate
+from preft.tiny import random_adapter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 PROMPTS = [[5, 17, 42, 99, 130, 7, 64, 33, 21], [200, 31, 8], [77, 78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89]]
@@ -125,3 +126,25 @@ def test_multi_turn_prefix_cache_never_reuses_decode_kv(family_pair, policy):
     assert out.metrics["num_cached_tokens"] == 8
     again = assert_matches_reference(llm, ref, [turn2], [name])[0]
     assert again.metrics["num_cached_tokens"] == (len(turn2) - 1) // 4 * 4
+
+
+@pytest.mark.parametrize("kind", ["loreft", "direft"])
+def test_reft_first_last_positions_equal_reference_across_chunks(family_pair, monkeypatch, kind):
+    llm, ref = family_pair("llama")
+    adapter = random_adapter(ref.config, adapter_config(kind, "prefill", 4, positions="f2+l3"), seed=77, std=0.5)
+    llm.add_adapter("positions", adapter)
+    ref.add_adapter("positions", adapter)
+    try:
+        prompts, _ = mixed_batch()
+        names = ["positions", None, "positions", adapter_name("direft", "prefill", 4)]
+        assert_matches_reference(llm, ref, prompts[:4], names)
+        monkeypatch.setattr(llm.engine.scheduler, "max_num_batched_tokens", 3)  # the last-3 positions fall in later chunks
+        assert_matches_reference(llm, ref, prompts[:4], names)
+        # The same 13 tokens open a longer prompt: blocks 0-1 (edit mask 1100 0000 either way) are reused,
+        # block 2 is not (edited "last 3" tokens 10-11 before, none now).
+        assert len(prompts[2]) == 13
+        out = assert_matches_reference(llm, ref, [prompts[2] + [9] * 8], ["positions"])[0]
+        assert out.metrics["num_cached_tokens"] == 8
+    finally:
+        llm.remove_adapter("positions")
+        ref.remove_adapter("positions")
