@@ -3,8 +3,10 @@
 Every step has a token budget (``max_num_batched_tokens``). Running sequences go first, in
 arrival order: a decoding sequence takes one token, a prefilling one its next prompt chunk
 (chunked prefill). Then waiting sequences are admitted first-come first-served while budget,
-``max_num_seqs``, KV blocks and adapter slots allow; the head of the queue waits for a slot
-rather than being skipped, so no request starves. When a running sequence needs a block and
+``max_num_seqs``, KV blocks and adapter slots allow. A request that finds every adapter slot
+busy keeps its place and every later adapter request queues behind it, so none starves; only
+base-model requests (which need no slot) may start meanwhile. Nobody overtakes a request that
+waits for KV blocks. When a running sequence needs a block and
 none is free, the most recently admitted sequence is preempted: its blocks are freed and it
 is recomputed later (its adapter mask depends only on token indices, so the result is the same).
 """
@@ -62,19 +64,24 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
             i += 1
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if seq.adapter is not None and seq.slot is None:
+        waiting_for_slot = False
+        for seq in list(self.waiting) if not preempted else []:
+            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.adapter is not None:
+                if waiting_for_slot:
+                    continue  # later adapter requests queue behind the first one that waits for a slot
                 seq.slot = self.adapters.acquire(seq.adapter.name)
                 if seq.slot is None:
-                    break  # every slot busy: wait (FCFS) until a request releases one
+                    waiting_for_slot = True  # it keeps its place; base requests behind it may still start
+                    continue
             n = self.block_manager.allocate(seq, budget)
             if n == 0:
                 self._release_slot(seq)
-                break
+                break  # KV blocks short: nobody overtakes
             if not seq.needs_adapter_slot:
                 self._release_slot(seq)  # its prompt came whole from the prefix cache
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))

@@ -131,3 +131,32 @@ def test_remove_adapter_in_use_names_the_requests(family_pair):
         engine.step()
     assert "temp" not in engine.adapters.entries
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_used"] == 0
+
+
+def test_base_requests_start_while_adapter_requests_wait_for_a_slot(family_pair, tiny_checkpoint):
+    _, ref = family_pair("llama")
+    busy, waiting = adapter_name("lora", "all", 4), adapter_name("direft", "prefill", 2)
+    llm = LLM(tiny_checkpoint("llama"), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, max_adapter_slots=1)
+    for name in (busy, waiting):
+        llm.add_adapter(name, ref.get_adapter(name))
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine.add_request("busy", [5, 6, 7], params, busy)  # an `all` adapter holds the only slot until it finishes
+    engine.add_request("waiting", [8, 9], params, waiting)
+    engine.add_request("later", [10, 11], params, busy)  # shares the resident adapter, but queues behind "waiting"
+    engine.add_request("base", [12, 13], params)
+    first_token_step: dict[str, int] = {}
+    outputs = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            first_token_step.setdefault(out.request_id, step)
+            if out.finished:
+                outputs[out.request_id] = out.outputs[0].token_ids
+    assert first_token_step["base"] == 1 and first_token_step["busy"] == 1
+    assert first_token_step["waiting"] > first_token_step["busy"] + 6  # after "busy" released the slot
+    assert first_token_step["later"] > first_token_step["waiting"]  # FCFS among adapter requests
+    expected = generate(ref, [[5, 6, 7], [8, 9], [10, 11], [12, 13]], [busy, waiting, busy, None], max_new_tokens=8).token_ids
+    assert [outputs[r] for r in ("busy", "waiting", "later", "base")] == expected
+    assert engine.stats()["kv_blocks_used"] == 0
