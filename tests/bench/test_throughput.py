@@ -13,7 +13,7 @@ from preft.bench.throughput import MODES, BenchConfig, make_workload, run_reques
 RUN_KEYS = {
     "mode", "num_adapters", "num_requests", "prompt_tokens", "output_tokens", "elapsed_s", "output_tok_s", "total_tok_s",
     "ttft_ms", "tpot_ms", "decode_step_ms", "decode_steps", "decode_batch_p50", "roofline", "engine_stats",
-    "ratio_to_base", "ratio_to_lora", "repeats_output_tok_s",
+    "ratio_to_base", "ratio_to_lora", "repeats_output_tok_s", "repeats_decode_step_ms_p50",
 }  # fmt: skip
 
 
