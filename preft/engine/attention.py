@@ -7,16 +7,21 @@ position (causal with an offset: a chunk starting at ``start`` sees ``start + i 
 
 This PyTorch version is correct on every device: a batch runs as one padded SDPA call (queries
 padded to the longest chunk, keys to the longest context), or, when that padding would be too
-large (one long prefill chunk beside many decodes), as one SDPA call per sequence.
+large (one long prefill chunk beside many decodes), as one SDPA call per sequence. On CUDA, decode
+batches use a Triton kernel that reads K/V in place (``preft.engine.paged_decode_triton``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+logger = logging.getLogger(__name__)
 
 # A padded batch (every sequence's queries padded to the longest chunk, keys to the longest context)
 # runs as one SDPA call; above this many attention scores the per-sequence loop is cheaper on memory.
@@ -34,6 +39,7 @@ class AttentionMetadata:
     block_tables: list[list[int]]  # per sequence: the blocks holding its context
     sliding_window: int | None = None  # a query sees only the last `sliding_window` positions (Mistral)
     padded: PaddedBatch | None = None  # set when the batch runs as one padded SDPA call
+    decode: tuple[Tensor, Tensor] | None = None  # (block tables [B, W], context lens [B]) for the Triton decode kernel
 
 
 @dataclass
@@ -71,7 +77,25 @@ def build_metadata(
     mask = causal_mask(query_pos[:, :, None], key_pos[None, None, :], sliding_window)  # [B, Q, K]; also keeps keys < ctx
     mask[:, :, 0] |= ~valid  # padding queries see one key, so no row is fully masked (no NaN)
     meta.padded = PaddedBatch(tables, rows, valid, mask[:, None])
+    if q_len == 1 and device.type == "cuda" and _triton_decode() is not None and _triton_decode().supported(block_size):
+        meta.decode = (tables, ctx)
     return meta
+
+
+_TRITON_DECODE: list = []  # [module or None], resolved on first use
+
+
+def _triton_decode():
+    """The Triton decode kernel module, or None (no Triton, PREFT_DISABLE_TRITON=1, or it failed once)."""
+    if not _TRITON_DECODE:
+        module = None
+        if os.environ.get("PREFT_DISABLE_TRITON") != "1":
+            try:
+                from preft.engine import paged_decode_triton as module
+            except ImportError:
+                module = None
+        _TRITON_DECODE.append(module)
+    return _TRITON_DECODE[0]
 
 
 def causal_mask(query_pos: Tensor, key_pos: Tensor, sliding_window: int | None) -> Tensor:
@@ -88,6 +112,12 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mappin
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
     """``q [N, heads, head_dim]`` -> ``[N, heads, head_dim]``, each query attending causally to its sequence's cache."""
+    if meta.decode is not None and _triton_decode() is not None:
+        try:
+            return _triton_decode().paged_decode_attention(q, k_cache, v_cache, *meta.decode, scale, meta.sliding_window)
+        except Exception as e:  # a compile problem on an untested GPU/Triton combination: fall back, loudly, once
+            logger.warning("Triton paged decode attention failed (%s); using the PyTorch path from now on", e)
+            _TRITON_DECODE[0] = None
     if meta.padded is not None:
         return _padded_attention(q, k_cache, v_cache, meta.padded, scale)
     out = torch.empty_like(q)
