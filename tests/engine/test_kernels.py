@@ -44,6 +44,7 @@ class Case:
     out: str = "none"  # none | given (accumulate) | view (a strided column view) | x (in place into x, as ReFT does)
     dtype: str = "float32"
     use_plan: bool = False
+    strided_slots: bool = False  # token_slot as a non-contiguous int32 view
     scaling: list[float] = field(default_factory=list)
     seed: int = 0
 
@@ -63,6 +64,8 @@ CASES = [
     Case("out_is_x_bgmv", n=30, k=64, out_features=64, ranks=[4, 8], r_max=8, method="bgmv", out="x"),
     Case("prefill_many_tokens_rank64", n=130, k=96, out_features=200, ranks=[64, 1, 33, 8, 16, 64, 5, 2], r_max=64, method="auto"),
     Case("decode_distinct_slots", n=8, k=64, out_features=128, ranks=[8] * 8, r_max=8, method="auto", no_adapter_fraction=0.0),
+    Case("strided_int32_slots_bgmv", n=20, k=32, out_features=32, ranks=[4, 8], r_max=8, method="bgmv", strided_slots=True),
+    Case("strided_int32_slots_sgmv", n=20, k=32, out_features=32, ranks=[4, 8], r_max=8, method="sgmv", strided_slots=True),
     Case("shared_plan_sgmv", n=70, k=32, out_features=32, ranks=[4, 8, 16], r_max=16, use_plan=True),
     Case("bf16_sgmv", n=40, k=64, out_features=48, ranks=[8, 16, 4], r_max=16, method="sgmv", dtype="bfloat16", out="given"),
     Case("bf16_bgmv", n=12, k=64, out_features=48, ranks=[8, 16, 4], r_max=16, method="bgmv", dtype="bfloat16"),
@@ -85,6 +88,8 @@ def make_inputs(case: Case, device: str) -> dict:
         slots = torch.arange(case.n) % s
     none = torch.rand(case.n, generator=g) < case.no_adapter_fraction
     token_slot = torch.where(none, torch.full_like(slots, -1), slots)
+    if case.strided_slots:
+        token_slot = torch.stack([token_slot, token_slot], dim=1).to(torch.int32)[:, 1]
     scaling = case.scaling or [0.5 + i for i in range(s)]
     out = None
     if case.out == "given":

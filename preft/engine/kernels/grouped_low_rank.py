@@ -58,7 +58,10 @@ class SegmentPlan:
 
 
 def segment_plan(token_slot: Tensor, num_slots: int, block_m: int = SGMV_BLOCK_M) -> SegmentPlan:
-    """Group ``token_slot [N]`` (values in ``-1 .. num_slots - 1``) into ``block_m``-row tiles per slot."""
+    """Group ``token_slot [N]`` into ``block_m``-row tiles per slot.
+
+    Values must lie in ``-1 .. num_slots - 1`` (not checked: a check would sync with the host).
+    """
     segment = token_slot.long() + 1
     n = segment.numel()
     sorted_rows = torch.argsort(segment, stable=True)
@@ -302,7 +305,8 @@ def triton_grouped_low_rank(
         return out
     ranks_t = torch.as_tensor(ranks, dtype=torch.int32).to(device, non_blocking=True)
     scaling_t = torch.as_tensor(scaling, dtype=torch.float32).to(device, non_blocking=True)
-    token_slot = token_slot.to(torch.int32) if token_slot.dtype != torch.int32 else token_slot
+    token_slot = token_slot.to(torch.int32).contiguous()  # no copy when it already is
+    bias = bias if bias is None or bias.stride(1) == 1 else bias.contiguous()
     code = torch.empty(n, r_max, dtype=torch.float32, device=device)
     # fp32 inputs get exact fp32 products (the reference's precision); half inputs use tensor cores.
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
