@@ -77,7 +77,7 @@ def build_metadata(
     mask = causal_mask(query_pos[:, :, None], key_pos[None, None, :], sliding_window)  # [B, Q, K]; also keeps keys < ctx
     mask[:, :, 0] |= ~valid  # padding queries see one key, so no row is fully masked (no NaN)
     meta.padded = PaddedBatch(tables, rows, valid, mask[:, None])
-    if q_len == 1 and device.type == "cuda" and _triton_decode() is not None and _triton_decode().supported(block_size):
+    if q_len == 1 and device.type == "cuda" and triton_decode_module() is not None and triton_decode_module().supported(block_size):
         meta.decode = (tables, ctx)
     return meta
 
@@ -85,7 +85,7 @@ def build_metadata(
 _TRITON_DECODE: list = []  # [module or None], resolved on first use
 
 
-def _triton_decode():
+def triton_decode_module():
     """The Triton decode kernel module, or None (no Triton, PREFT_DISABLE_TRITON=1, or it failed once)."""
     if not _TRITON_DECODE:
         module = None
@@ -112,9 +112,9 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slot_mappin
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float) -> Tensor:
     """``q [N, heads, head_dim]`` -> ``[N, heads, head_dim]``, each query attending causally to its sequence's cache."""
-    if meta.decode is not None and _triton_decode() is not None:
+    if meta.decode is not None and triton_decode_module() is not None:
         try:
-            return _triton_decode().paged_decode_attention(q, k_cache, v_cache, *meta.decode, scale, meta.sliding_window)
+            return triton_decode_module().paged_decode_attention(q, k_cache, v_cache, *meta.decode, scale, meta.sliding_window)
         except Exception as e:  # a compile problem on an untested GPU/Triton combination: fall back, loudly, once
             logger.warning("Triton paged decode attention failed (%s); using the PyTorch path from now on", e)
             _TRITON_DECODE[0] = None

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from preft.engine.adapter_manager import AdapterManager
-from preft.engine.attention import AttentionMetadata, build_metadata
+from preft.engine.attention import AttentionMetadata, build_metadata, triton_decode_module
+from preft.engine.cuda_graphs import DecodeGraphs
 from preft.engine.model import CausalLM, sliding_window
 from preft.engine.sampler import Sampler
 from preft.engine.sequence import Sequence
@@ -53,11 +54,24 @@ class ModelRunner:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         kv_heads = config.num_key_value_heads or config.num_attention_heads
         dtype = next(model.parameters()).dtype
+        # One block more than the block manager hands out: a scratch block for CUDA-graph padding rows.
         self.kv_cache = torch.zeros(
-            2, config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=self.device
+            2, config.num_hidden_layers, num_blocks + 1, block_size, kv_heads, head_dim, dtype=dtype, device=self.device
         )
+        self.num_blocks = num_blocks
         self.sampler = Sampler()
         self.sliding_window = sliding_window(config)
+        self.graphs: DecodeGraphs | None = None
+
+    def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
+        """CUDA graphs for adapter-free decode steps (CUDA with Triton only); True if in use."""
+        if self.device.type != "cuda" or triton_decode_module() is None or not triton_decode_module().supported(self.block_size):
+            return False
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, max_batch, -(-max_model_len // self.block_size), self.num_blocks, self.sliding_window
+        )
+        self.graphs = graphs if graphs.capture() else None
+        return self.graphs is not None
 
     def _tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -108,7 +122,11 @@ class ModelRunner:
         """Compute the batch's new tokens' KV; return the next token of every sequence whose chunk reached its end."""
         input_ids, positions, meta, logits_rows = self.prepare(batch)
         adapters = self.prepare_adapters(batch, len(input_ids))
-        hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
+        hidden = None
+        if adapters is None and self.graphs is not None and meta.decode is not None:
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, *meta.decode)  # base-model decode: replay
+        if hidden is None:
+            hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
         if not logits_rows:
             return []
         logits = self.model.logits(hidden[self._tensor(logits_rows)])
