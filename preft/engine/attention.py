@@ -58,7 +58,9 @@ def build_metadata(
     block_tables: list[list[int]],
     block_size: int,
     sliding_window: int | None = None,
+    decode_kernel: bool = False,
 ) -> AttentionMetadata:
+    """Per-step attention metadata; ``decode_kernel``: a decode-only batch may use the Triton kernel (CUDA)."""
     meta = AttentionMetadata(slot_mapping, query_starts, query_lens, context_lens, block_tables, sliding_window)
     device = slot_mapping.device
     batch, q_len = len(query_lens), max(query_lens)
@@ -77,12 +79,17 @@ def build_metadata(
     mask = causal_mask(query_pos[:, :, None], key_pos[None, None, :], sliding_window)  # [B, Q, K]; also keeps keys < ctx
     mask[:, :, 0] |= ~valid  # padding queries see one key, so no row is fully masked (no NaN)
     meta.padded = PaddedBatch(tables, rows, valid, mask[:, None])
-    if q_len == 1 and device.type == "cuda" and triton_decode_module() is not None and triton_decode_module().supported(block_size):
+    if q_len == 1 and decode_kernel:
         meta.decode = (tables, ctx)
     return meta
 
 
 _TRITON_DECODE: list = []  # [module or None], resolved on first use
+
+
+def decode_kernel_usable(device: torch.device, block_size: int) -> bool:
+    """Whether decode batches on ``device`` can use the Triton paged decode kernel."""
+    return device.type == "cuda" and triton_decode_module() is not None and triton_decode_module().supported(block_size)
 
 
 def triton_decode_module():

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from preft.engine.adapter_manager import AdapterManager
-from preft.engine.attention import AttentionMetadata, build_metadata, triton_decode_module
+from preft.engine.attention import AttentionMetadata, build_metadata, decode_kernel_usable
 from preft.engine.cuda_graphs import DecodeGraphs
 from preft.engine.model import CausalLM, sliding_window
 from preft.engine.sampler import Sampler
@@ -62,10 +62,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self.sliding_window = sliding_window(config)
         self.graphs: DecodeGraphs | None = None
+        self.decode_kernel = decode_kernel_usable(self.device, block_size)
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for adapter-free decode steps (CUDA with Triton only); True if in use."""
-        if self.device.type != "cuda" or triton_decode_module() is None or not triton_decode_module().supported(self.block_size):
+        if not self.decode_kernel:
             return False
         graphs = DecodeGraphs(
             self.model, self.kv_cache, max_batch, -(-max_model_len // self.block_size), self.num_blocks, self.sliding_window
@@ -92,7 +93,9 @@ class ModelRunner:
             block_tables.append(table[: -(-end // bs)])
             if item.samples:
                 logits_rows.append(len(input_ids) - 1)
-        meta = build_metadata(self._tensor(slot_mapping), query_starts, query_lens, context_lens, block_tables, bs, self.sliding_window)
+        meta = build_metadata(
+            self._tensor(slot_mapping), query_starts, query_lens, context_lens, block_tables, bs, self.sliding_window, self.decode_kernel
+        )
         return self._tensor(input_ids), self._tensor(positions), meta, logits_rows
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):

@@ -43,10 +43,7 @@ def max_error(device: str) -> float:
             [tables[b][(c - 1) // block_size] * block_size + (c - 1) % block_size for b, c in enumerate(contexts)], device=device
         )
         meta = build_metadata(slots, list(range(batch)), [1] * batch, contexts, tables, block_size, window)
-        expected = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5) if meta.decode is None else None
-        if expected is None:  # on CUDA build_metadata picked the kernel: compute the reference with the padded path
-            meta.decode = None
-            expected = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
+        expected = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)  # the PyTorch padded path
         width = max(len(t) for t in tables)
         padded_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
         got = paged_decode_attention(q, k_cache, v_cache, padded_tables, torch.tensor(contexts, device=device), head_dim**-0.5, window)
