@@ -134,3 +134,14 @@ def test_run_requests_counts_only_steps_without_prefill_as_decode_steps() -> Non
     assert timings.decode_batch_sizes == [2] * 8
     assert len(timings.ttft) == 4 and len(timings.tpot) == 4
     assert timings.decode_context_tokens[:4] == [2 * (3 + t) for t in (2, 3, 4, 5)]
+
+
+def test_run_requests_admits_requests_at_their_arrival_times() -> None:
+    cfg = BenchConfig(num_requests=3, prompt_len="2", output_len="2", num_adapters=[1])
+    workload = make_workload(cfg, 1)
+    for r, arrival in zip(workload, (0.0, 0.03, 0.06)):
+        r.arrival = arrival
+    timings = run_requests(FakeEngine(max_num_seqs=4), workload, [None])
+    assert timings.elapsed >= 0.06, "the last request may not start before it arrives"
+    assert timings.output_tokens == 3 * 2 and len(timings.ttft) == 3
+    assert all(t >= 0 for t in timings.ttft), "TTFT is measured from the scheduled arrival"
