@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from preft.adapters import Adapter, LoraConfig, linear_shapes, load_adapter
-from preft.engine.lowrank import grouped_low_rank
+from preft.engine.lowrank import grouped_low_rank, segment_plan
 from preft.engine.sequence import AdapterRef
 from preft.errors import PreftError
 
@@ -256,6 +256,13 @@ class AdapterBatch:
         self.lora_slot, self.lora_active = lora_slot, lora_active  # [N] slot per token, -1: no LoRA
         self.reft_slot, self.reft_active = reft_slot, reft_active  # [N] slot per token, -1: no ReFT edit
         self._masked: dict[int, Tensor | None] = {}
+        self._plans: dict[int, object | None] = {}  # one token grouping per distinct token_slot, reused by every layer
+
+    def _plan(self, token_slot: Tensor) -> object | None:
+        key = id(token_slot)
+        if key not in self._plans:
+            self._plans[key] = segment_plan(token_slot, self.manager.num_slots)
+        return self._plans[key]
 
     def _token_slot(self, stack: SlotStack, token_slot: Tensor, active_slots: set[int]) -> Tensor | None:
         """``token_slot`` with slots that have no factors at this insertion point set to -1 (None: nothing to do)."""
@@ -279,7 +286,7 @@ class AdapterBatch:
         token_slot = self._token_slot(stack, self.lora_slot, self.lora_active)
         if token_slot is None:
             return out
-        return grouped_low_rank(x, token_slot, stack.down, stack.up, None, stack.ranks, stack.scaling, out=out)
+        return grouped_low_rank(x, token_slot, stack.down, stack.up, None, stack.ranks, stack.scaling, out=out, plan=self._plan(token_slot))
 
     def reft(self, layer: int, hidden: Tensor) -> Tensor:
         """``hidden`` (the output of decoder layer ``layer``) plus each selected token's ReFT edit."""
@@ -289,4 +296,6 @@ class AdapterBatch:
         token_slot = self._token_slot(stack, self.reft_slot, self.reft_active)
         if token_slot is None:
             return hidden
-        return grouped_low_rank(hidden, token_slot, stack.down, stack.up, stack.bias, stack.ranks, stack.scaling, out=hidden)
+        return grouped_low_rank(
+            hidden, token_slot, stack.down, stack.up, stack.bias, stack.ranks, stack.scaling, out=hidden, plan=self._plan(token_slot)
+        )
