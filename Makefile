@@ -1,15 +1,22 @@
 # Set-up installs torch 2.13.0 (CPU wheel) only where torch is missing: a user's CUDA torch is kept.
 PYTHON ?= python
 
-.PHONY: install install-test demo serve test lint
+.PHONY: torch install install-server install-test serve demo lint test
 
-install:
+torch:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+
+install: torch
 	$(PYTHON) -m pip install -e .
 
-install-test:
-	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+install-server: torch
+	$(PYTHON) -m pip install -e ".[server]"
+
+install-test: torch
 	$(PYTHON) -m pip install -e ".[test]"
+
+serve: install-server
+	preft serve
 
 demo: install
 	preft demo
