@@ -348,8 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=180)
     p.add_argument("--num-generations", type=int, default=8, help="GRPO: completions per prompt")
     p.add_argument("--grpo-prompts", type=int, default=2, help="GRPO: prompts per step")
-    p.add_argument("--grpo-max-tokens", type=int, default=4, help="GRPO: longest sampled completion")
-    p.add_argument("--grpo-skills", nargs="+", default=["recall"], choices=list(synthetic.SKILLS), help="GRPO: task skills")
+    p.add_argument("--grpo-max-tokens", type=int, default=10, help="GRPO: longest sampled completion")
+    p.add_argument("--grpo-skills", nargs="+", default=["sort_digits"], choices=list(synthetic.SKILLS), help="GRPO: task skills")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     defaults = {"sft": (list(METHODS), [1, 4, 16, 64]), "length": (["LoRA", "LoRA-P"], [4, 16]), "grpo": (["LoRA", "LoRA-P"], [8])}

@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 nice -n 10 python experiments/train_base.py --out preft/assets/base      # the base model + experiments/results/base/loss.png
 nice -n 10 python -m experiments.make_adapters                          # preft/assets/adapters/{alice,bob,carol}
-nice -n 10 python -m experiments.quality sft                            # experiments/results/sft.{json,md,png}
-nice -n 10 python -m experiments.quality length                         # experiments/results/length.{json,md,png}
-nice -n 10 python -m experiments.quality grpo                           # experiments/results/grpo.{json,md,png}
+nice -n 10 python -m experiments.quality sft --steps 60                  # experiments/results/sft.{json,md,png}
+nice -n 10 python -m experiments.quality length --steps 60 --eval-rows 96                                 # results/length.*
+nice -n 10 python -m experiments.quality length --steps 150 --lr 3e-3 --ranks 16 --eval-rows 96 --out experiments/results/length_150steps
+nice -n 10 python -m experiments.quality grpo --steps 80 --lr 1e-3 --grpo-skills recall --grpo-max-tokens 4
+for e in json md png; do mv experiments/results/grpo.$e experiments/results/grpo_recall.$e; done
+nice -n 10 python -m experiments.quality grpo --steps 80 --lr 1e-3 --grpo-skills sort_digits --grpo-max-tokens 10   # results/grpo.*
