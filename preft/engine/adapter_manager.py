@@ -7,6 +7,9 @@
   and per layer for ReFT: ``down [S, R, in]``, ``up [S, out, R]``, ``bias [S, R]``, ``ranks [S]``,
   ``scaling [S]``, fed to ``grouped_low_rank``. A slot is reference-counted by the sequences
   that use it; an idle slot keeps its adapter until another adapter needs the room (LRU).
+- Layout version: ``layout_version`` counts every (re)allocation of stack tensors (a new stack,
+  a stack widened for a larger rank). CUDA graphs that captured the stacks' addresses compare it
+  before replaying (``preft.engine.cuda_graphs``); writes into existing stacks do not change it.
 
 ``AdapterBatch`` is what the model sees during one step: which slot each token uses.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +57,18 @@ class _Entry:
 class SlotStack:
     """Stacked low-rank factors of every slot for one insertion point (a LoRA module or a ReFT layer)."""
 
-    def __init__(self, num_slots: int, fan_in: int, fan_out: int, rank: int, with_bias: bool, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        num_slots: int,
+        fan_in: int,
+        fan_out: int,
+        rank: int,
+        with_bias: bool,
+        device: torch.device,
+        dtype: torch.dtype,
+        on_realloc: Callable[[], None] | None = None,
+    ):
+        self.on_realloc = on_realloc  # told whenever the tensors below are replaced (their addresses change)
         self.down = torch.zeros(num_slots, rank, fan_in, device=device, dtype=dtype)
         self.up = torch.zeros(num_slots, fan_out, rank, device=device, dtype=dtype)
         self.bias = torch.zeros(num_slots, rank, device=device, dtype=dtype) if with_bias else None
@@ -72,6 +87,8 @@ class SlotStack:
         self.up = torch.cat([self.up, self.up.new_zeros(self.up.shape[0], self.up.shape[1], pad)], dim=2)
         if self.bias is not None:
             self.bias = torch.cat([self.bias, self.bias.new_zeros(self.bias.shape[0], pad)], dim=1)
+        if self.on_realloc is not None:
+            self.on_realloc()
 
     def clear(self, slot: int) -> None:
         self.down[slot].zero_()
@@ -113,6 +130,10 @@ class AdapterManager:
         self.reft_stacks: dict[int, SlotStack] = {}
         self.shapes = linear_shapes(model_config)
         self.cpu_hits = self.cpu_misses = 0
+        self.layout_version = 0  # bumped whenever a stack is created or reallocated (see module doc)
+
+    def _layout_changed(self) -> None:
+        self.layout_version += 1
 
     # ---- registry ----------------------------------------------------------------------------
 
@@ -222,8 +243,9 @@ class AdapterManager:
                     if stack is None:
                         fan_in, fan_out = self.shapes[module]
                         stack = self.lora_stacks[(layer, module)] = SlotStack(
-                            self.num_slots, fan_in, fan_out, a.shape[0], False, self.device, self.dtype
+                            self.num_slots, fan_in, fan_out, a.shape[0], False, self.device, self.dtype, self._layout_changed
                         )
+                        self._layout_changed()
                     stack.set(slot, a.to(self.device), b.to(self.device), None, adapter.config.scaling)
             else:
                 hidden = self.model_config.hidden_size
@@ -231,8 +253,9 @@ class AdapterManager:
                     stack = self.reft_stacks.get(layer)
                     if stack is None:
                         stack = self.reft_stacks[layer] = SlotStack(
-                            self.num_slots, hidden, hidden, down.shape[0], True, self.device, self.dtype
+                            self.num_slots, hidden, hidden, down.shape[0], True, self.device, self.dtype, self._layout_changed
                         )
+                        self._layout_changed()
                     stack.set(slot, down.to(self.device), up.to(self.device), bias.to(self.device), 1.0)
         self.slot_owner[slot] = name
         self.slot_of[name] = slot

@@ -3,6 +3,8 @@
 Owns the model and the paged KV cache ``[2 (k, v), layers, blocks, block_size, kv_heads, head_dim]``.
 Per token it derives the KV slot, the position and the adapter slot (``-1`` for base requests and
 for every token the adapter's policy leaves alone, e.g. decode tokens of ``prefill`` adapters).
+On CUDA, decode steps replay CUDA graphs (``preft.engine.cuda_graphs``): adapter-free ones and
+those with `all`-policy adapters alike.
 """
 
 from __future__ import annotations
@@ -65,11 +67,11 @@ class ModelRunner:
         self.decode_kernel = decode_kernel_usable(self.device, block_size)
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
-        """CUDA graphs for adapter-free decode steps (CUDA with Triton only); True if in use."""
+        """CUDA graphs for decode steps, adapter-free or with `all`-policy adapters (CUDA with Triton only); True if in use."""
         if not self.decode_kernel:
             return False
         graphs = DecodeGraphs(
-            self.model, self.kv_cache, max_batch, -(-max_model_len // self.block_size), self.num_blocks, self.sliding_window
+            self.model, self.kv_cache, max_batch, -(-max_model_len // self.block_size), self.num_blocks, self.sliding_window, self.adapters
         )
         self.graphs = graphs if graphs.capture() else None
         return self.graphs is not None
@@ -126,8 +128,8 @@ class ModelRunner:
         input_ids, positions, meta, logits_rows = self.prepare(batch)
         adapters = self.prepare_adapters(batch, len(input_ids))
         hidden = None
-        if adapters is None and self.graphs is not None and meta.decode is not None:
-            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, *meta.decode)  # base-model decode: replay
+        if self.graphs is not None and meta.decode is not None:  # decode step: replay (base model, or with `all` adapters)
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, *meta.decode, adapters)
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
         if not logits_rows:
