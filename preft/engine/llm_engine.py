@@ -90,7 +90,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
-        # Graphs replay adapter-free decode steps; `all`-policy decode and prefill run eagerly.
+        # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
         self.use_cuda_graphs = use_cuda_graphs and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.pending_removal: set[str] = set()

@@ -15,8 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-CONFIG_FILE = "adapter_config.json"
+from preft.assets import BASE_MODEL_DIR, demo_adapters, has_base_model
 
 
 @dataclass
@@ -34,11 +33,9 @@ def cache_dir() -> Path:
 
 
 def default_model() -> DefaultModel:
-    base = ASSETS / "base"
-    if (base / "config.json").is_file():
-        root = ASSETS / "adapters"
-        adapters = {d.name: (d, None) for d in sorted(root.iterdir()) if (d / CONFIG_FILE).is_file()} if root.is_dir() else {}
-        return DefaultModel(base, "preft-base", adapters, f"the built-in base model ({base})")
+    if has_base_model():
+        adapters = {name: (path, None) for name, path in demo_adapters().items()}
+        return DefaultModel(BASE_MODEL_DIR, "preft-base", adapters, f"the built-in base model ({BASE_MODEL_DIR})")
     model_dir, adapters = tiny_fallback(cache_dir() / "tiny-llama")
     return DefaultModel(
         model_dir,

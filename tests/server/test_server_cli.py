@@ -11,7 +11,15 @@ import httpx
 import pytest
 from server_helpers import free_port, wait_until
 
+from preft.assets import demo_adapters, has_base_model
 from preft.server.cli import parse_adapter_flag
+
+# What `preft serve` with no MODEL_DIR serves: the shipped model and its demo adapters, or (in an
+# installation without them) a tiny random llama with four random demo adapters.
+if has_base_model():
+    BASE, ADAPTERS, BANNER = "preft-base", set(demo_adapters()), "preft-base"
+else:
+    BASE, ADAPTERS, BANNER = "tiny-llama", {"lora-prefill", "lora-all", "direft-prefill", "loreft-prefill"}, "serving a tiny RANDOM llama"
 
 
 def test_adapter_flag_parses_name_path_and_optional_policy():
@@ -47,8 +55,8 @@ def test_preft_serve_with_no_model_starts_answers_and_exits_cleanly(tmp_path_fac
         wait_until(lambda: healthy(url, process), timeout=180, what="preft serve to become healthy")
         assert process.poll() is None, process.stdout.read()
         models = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
-        assert {"tiny-llama", "lora-prefill", "lora-all", "direft-prefill", "loreft-prefill"} <= set(models)
-        for model in ("tiny-llama", "lora-prefill"):
+        assert ADAPTERS and {BASE, *ADAPTERS} <= set(models)
+        for model in (BASE, sorted(ADAPTERS)[0]):
             response = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}, timeout=60)
             assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
         process.send_signal(sig)
@@ -58,6 +66,6 @@ def test_preft_serve_with_no_model_starts_answers_and_exits_cleanly(tmp_path_fac
             process.kill()
     log = process.stdout.read()
     assert code == 0, log
-    assert "no MODEL_DIR given: serving a tiny RANDOM llama" in log and "KV cache: 64 blocks" in log
-    assert "lora-prefill: lora r=8 policy=prefill" in log and "preft serve: stopped" in log
+    assert "no MODEL_DIR given" in log and BANNER in log and "KV cache: 64 blocks" in log
+    assert all(f"{name}: " in log for name in ADAPTERS) and "preft serve: stopped" in log
     assert "Traceback" not in log
