@@ -120,3 +120,20 @@ def test_bad_adapter_arguments_are_named(tiny_hf_model):
         model.add_adapter("far", LoraConfig(r=2, layers=[7]))
     with pytest.raises(PreftError, match="need policy 'prefill'"):
         ReftConfig(positions="f2+l2", policy="all")
+
+
+@pytest.mark.parametrize("config", [LoraConfig(r=2, target_modules="all-linear"), ReftConfig(kind="direft", r=2)])
+def test_remove_adapter_restores_the_base_model_and_frees_the_name(tiny_hf_model, config):
+    from preft.tiny import random_adapter
+
+    model = PreftModel(tiny_hf_model("llama"))
+    with torch.no_grad():
+        base = model(IDS).logits
+        model.add_adapter("a", random_adapter(model.config, config, seed=1))
+        assert (model(IDS, adapter_names="a").logits - base).abs().max() > 1e-3
+        model.remove_adapter("a")
+        assert model.adapter_names == [] and model.adapter_parameters() == []
+        with pytest.raises(PreftError, match="unknown adapter 'a'"):
+            model(IDS, adapter_names="a")
+        torch.testing.assert_close(model(IDS).logits, base, atol=0, rtol=0)
+    model.add_adapter("a", config)  # the name is free again
