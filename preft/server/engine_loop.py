@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from preft.engine.adapter_manager import AdapterInUseError
 from preft.errors import PreftError
 from preft.server.metrics import Metrics
 from preft.server.protocol import APIError, ModelNotFound
@@ -86,10 +87,6 @@ def _snapshot(output: Any) -> RequestUpdate:
         for c in output.outputs
     )
     return RequestUpdate(output.request_id, tuple(output.prompt_token_ids or ()), outputs, bool(output.finished))
-
-
-def _is_in_use_error(error: Exception) -> bool:
-    return type(error).__name__ == "AdapterInUseError"
 
 
 class EngineLoop:
@@ -332,7 +329,7 @@ class EngineLoop:
             try:
                 self.engine.remove_adapter(name)
             except Exception as e:
-                if _is_in_use_error(e) and self.engine.has_unfinished_requests():
+                if isinstance(e, AdapterInUseError) and self.engine.has_unfinished_requests():
                     continue  # the engine still holds it for a finishing request; retry after the next step
                 for future in self._unloading.pop(name):
                     future.set_exception(APIError(500, f"adapter {name!r} could not be unloaded: {e}"))

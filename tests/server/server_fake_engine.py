@@ -14,40 +14,10 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from preft.adapters import load_adapter
+from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError
 from preft.engine.sampler import SamplingParams
+from preft.engine.sequence import CompletionOutput, RequestOutput
 from preft.errors import PreftError
-
-
-class AdapterInUseError(PreftError):
-    pass
-
-
-@dataclass
-class AdapterInfo:
-    name: str
-    kind: str
-    policy: str
-    rank: int
-    path: str | None
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None
-    logprobs: list | None = None
-    new_token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
