@@ -10,9 +10,11 @@ that goes away aborts its engine requests, which frees their KV blocks and adapt
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -84,6 +86,16 @@ class ServerState:
         return str(resolved)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character for each byte (GPT-2's table), as character -> byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+BYTE_OF_CHAR = _byte_level_alphabet()
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -105,7 +117,8 @@ class Choices:
         self.position = {rid: i for i, rid in enumerate(request_ids)}
         self.latest: dict[str, RequestUpdate] = {}
         self.sent_text: dict[int, int] = {}  # choice index -> characters already streamed
-        self.sent_tokens: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}  # choice index -> tokens already streamed
+        self.sent_finish: set[int] = set()  # choices whose finish_reason was streamed
 
     def choice_index(self, update: RequestUpdate, completion_index: int) -> int:
         return self.position[update.request_id] * self.n + completion_index
@@ -121,6 +134,28 @@ class Choices:
         completion = sum(len(c.token_ids) for u in self.latest.values() for c in u.outputs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def new_text(self, index: int, completion: Any) -> tuple[str, tuple[int, ...], Any, int] | None:
+        """Text, tokens and logprobs of choice ``index`` not streamed yet, and where that text starts.
+
+        ``None`` while there is nothing to send: no new text (a partial UTF-8 character or the start of a
+        possible stop string is held back) and no finish. Tokens without text wait for the chunk that
+        carries their text, so only the final chunk (the finish) can be empty. A finished choice yields
+        its finish once; with ``n > 1`` the engine keeps reporting it while the other choices run.
+        """
+        if index in self.sent_finish:
+            return None
+        finished = completion.finish_reason is not None
+        text = completion.text if finished else completion.text.rstrip("\ufffd")
+        start, start_tok = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
+        if len(text) <= start and not finished:
+            return None
+        self.sent_text[index] = max(start, len(text))
+        self.sent_tokens[index] = len(completion.token_ids)
+        if finished:
+            self.sent_finish.add(index)
+        logprobs = completion.logprobs[start_tok:] if completion.logprobs is not None else None
+        return text[start:], completion.token_ids[start_tok:], logprobs, start
+
 
 def _finish_reason(reason: str | None) -> str | None:
     return None if reason is None else "length" if reason == "length" else "stop"
@@ -131,6 +166,7 @@ class Routes:
         self.state = state
         self.loop = state.engine_loop
         self.tokenizer = state.tokenizer
+        self.special_ids = set(getattr(state.tokenizer, "all_special_ids", ()))
 
     # ---- shared request machinery ------------------------------------------------------------
 
@@ -192,17 +228,20 @@ class Routes:
             for request_id in choices.unfinished():
                 self.loop.abort(request_id)
 
-    def new_text(self, index: int, completion: Any, choices: Choices) -> tuple[str, tuple[int, ...], Any]:
-        """Text and tokens of a choice not streamed yet (a trailing partial UTF-8 character waits)."""
-        text = completion.text if completion.finish_reason else completion.text.rstrip("\ufffd")
-        start, start_tok = choices.sent_text.get(index, 0), choices.sent_tokens.get(index, 0)
-        choices.sent_text[index] = max(start, len(text))
-        choices.sent_tokens[index] = len(completion.token_ids)
-        logprobs = completion.logprobs[start_tok:] if completion.logprobs is not None else None
-        return text[start:], completion.token_ids[start_tok:], logprobs
-
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for; a piece of a multi-byte character (alone it decodes to U+FFFD) gives its raw bytes."""
+        text = self.token_text(token_id)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+            return bytes([int(piece[3:5], 16)])
+        if all(ch in BYTE_OF_CHAR for ch in piece):  # byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
+            return bytes(BYTE_OF_CHAR[ch] for ch in piece)
+        return text.encode("utf-8")
 
     def check_length(self, prompt_len: int, max_tokens: int | None, field: str) -> int:
         limit = self.state.max_model_len
@@ -242,10 +281,11 @@ class Routes:
         if body.stream:
 
             def chunks(index: int, completion: Any, choices: Choices) -> list[dict]:
-                text, tokens, logprobs = self.new_text(index, completion, choices)
-                if not text and not tokens and completion.finish_reason is None:
+                new = choices.new_text(index, completion)
+                if new is None:
                     return []
-                lp = self.completion_logprobs(tokens, logprobs) if logprobs is not None else None
+                text, tokens, logprobs, offset = new
+                lp = self.completion_logprobs(tokens, logprobs, offset) if logprobs is not None else None
                 choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}
                 if body.return_token_ids:
                     choice["token_ids"] = list(tokens)
@@ -269,12 +309,16 @@ class Routes:
                 out.append(choice)
         return {**header, "choices": sorted(out, key=lambda c: c["index"]), "usage": choices.usage()}
 
-    def completion_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...]) -> dict:
+    def completion_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...], offset: int = 0) -> dict:
+        """OpenAI completion logprobs; ``text_offset`` is each token's character offset in the choice's text
+        (``offset``: where ``tokens``' text starts), the start of its character for a piece of one."""
         texts = [self.token_text(t) for t in tokens]
-        offsets, at = [], 0
-        for t in texts:
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        offsets, at = [], offset
+        for t in tokens:
             offsets.append(at)
-            at += len(t)
+            if t not in self.special_ids:  # special tokens are not in the text
+                at += len(utf8.decode(self.token_bytes(t)))
         return {
             "tokens": texts,
             "token_logprobs": [lp.get(t) for t, lp in zip(tokens, logprobs)],
@@ -325,9 +369,10 @@ class Routes:
                             ]
                         }
                     )
-                text, tokens, logprobs = self.new_text(index, completion, choices)
-                if text or tokens or completion.finish_reason is not None:
-                    delta = {"content": text} if text or completion.finish_reason is None else {}
+                new = choices.new_text(index, completion)
+                if new is not None:
+                    text, tokens, logprobs, _ = new
+                    delta = {"content": text} if text else {}
                     lp = self.chat_logprobs(tokens, logprobs, top) if logprobs is not None else None
                     choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": _finish_reason(completion.finish_reason)}
                     if body.return_token_ids:
@@ -353,8 +398,7 @@ class Routes:
 
     def chat_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...], top: int) -> dict:
         def entry(token_id: int, logprob: float | None) -> dict:
-            text = self.token_text(token_id)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self.token_text(token_id), "logprob": logprob, "bytes": list(self.token_bytes(token_id))}
 
         content = []
         for token_id, lp in zip(tokens, logprobs):

@@ -293,3 +293,30 @@ def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks_and_slot(server
     wait_until(lambda: not server.engine_loop._streams, what="the request to be aborted")
     assert server.engine_loop.metrics.requests.get("abort", 0) == aborted_before + 1
     assert_no_leaks(server)
+
+
+def test_n_choices_that_finish_at_different_steps_each_stream_one_finish_and_their_full_text(server, client, offline):
+    # choice i samples with seed + i; a stop token id met early by choice 0 only makes choice 0 finish first
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=11, n=2, ignore_eos=True)
+    full = offline.generate([[50, 51, 52]], params, use_tqdm=False)[0].outputs
+    stop_id = next(t for t in full[0].token_ids[:3] if t not in full[1].token_ids[:6])
+    body = dict(
+        model=server.state.model_name,
+        prompt=[50, 51, 52],
+        max_tokens=10,
+        temperature=1.0,
+        seed=11,
+        n=2,
+        extra_body={"return_token_ids": True},
+    )
+    body["extra_body"].update(ignore_eos=True, stop_token_ids=[stop_id])
+    whole = client.completions.create(**body)
+    assert [c.finish_reason for c in whole.choices] == ["stop", "length"]
+    assert len(whole.choices[0].token_ids) < len(whole.choices[1].token_ids) == 10
+    chunks = [c for c in client.completions.create(**body, stream=True) if c.choices]
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert [c.finish_reason for c in mine if c.finish_reason] == [choice.finish_reason]
+        assert mine[-1].finish_reason == choice.finish_reason  # nothing after a choice's finish
+        assert "".join(c.text for c in mine) == choice.text and sum((c.token_ids for c in mine), []) == choice.token_ids
+        assert all(c.text or c.finish_reason for c in mine)  # no empty chunk while generating
