@@ -269,11 +269,12 @@ def detokenize(tokenizer, seq: Sequence, flush: bool = False) -> None:
     """Extend ``seq.text`` by the text of its newest tokens, decoding only a short window (not the whole output).
 
     Bytes of a character that is not complete yet (the window decodes to a trailing U+FFFD) wait
-    for the next token unless ``flush``.
+    for the next token unless ``flush``; so the text only ever grows by whole characters and, at the
+    end, equals decoding all tokens. No space clean-up: it would depend on where the window starts.
     """
     tokens = seq.completion_token_ids
-    prefix = tokenizer.decode(tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-    window = tokenizer.decode(tokens[seq.prefix_offset :], skip_special_tokens=True)
+    prefix = tokenizer.decode(tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    window = tokenizer.decode(tokens[seq.prefix_offset :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
     if len(window) > len(prefix) and (flush or not window.endswith("\ufffd")):
         seq.text += window[len(prefix) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(tokens)
