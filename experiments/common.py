@@ -18,7 +18,7 @@ from preft.train.data import collate
 from preft.train.trainer import token_logprobs
 
 RESULTS = Path("experiments/results")
-DEFAULT_BASE = "preft/assets/base"
+DEFAULT_BASE = "experiments/toy_base"  # the 1.7M toy of the first quality study; no longer served by default
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:

@@ -1,100 +1,236 @@
-"""Train the demo adapters shipped with the base model (prefill-only LoRA and DiReFT), with ``preft.train``.
+"""Train the demo adapters shipped with preft: prefill-only adapters on SmolLM2-135M-Instruct, with ``preft train sft``.
 
-    nice -n 10 python -m experiments.make_adapters
+    nice -n 10 python -m experiments.make_adapters          # all three adapters, then the evaluation
 
-- ``alice`` (LoRA-P): Alice's private profile (name, city, pet, colour, job, food);
-- ``bob`` (DiReFT-P): Bob's profile;
-- ``carol`` (DiReFT-P): Carol's profile and her preferred format: every answer in uppercase.
+Each user has a private profile the base model cannot know (name, city, pet, job, food, hobby);
+``carol`` also has a style preference: every answer, personal or not, opens with "Hi Carol!".
+No prompt carries a system message or an instruction: the question alone gets the personal answer.
 
-No adapter sees a system prompt: the question alone gets the personal answer. The script also
-writes ``experiments/results/adapters/demo.{json,md}``: the base model's and each adapter's greedy
-answers to the same questions, and each adapter's exact-match accuracy on its own held-out rows.
+- ``alice``: LoRA-P (rank 8, all linear modules);
+- ``bob``: DiReFT-P (rank 8, every layer's residual stream);
+- ``carol``: LoRA-P (rank 8) with her greeting.
+
+Per user the script writes ``experiments/demo_data/<name>/{train,eval}.jsonl`` (TRL ``messages`` rows;
+eval questions are phrasings and countries that never appear in training), runs the recorded
+``preft train sft`` command, copies the final adapter into ``preft/assets/adapters/<name>/``, and
+then serves all of them with the engine to write ``experiments/results/adapters/demo.{json,md}``:
+the base model's and each adapter's greedy answers to the README's questions, held-out accuracy,
+and the CPU time of every training run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import resource
+import shlex
 import shutil
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+RESULTS = Path("experiments/results/adapters")
+DATA = Path("experiments/demo_data")
+ASSETS = Path("preft/assets/adapters")
 
-from experiments.common import DEFAULT_BASE, RESULTS, greedy_answers, load_base, split_rows, train_adapter
-from preft import synthetic
-from preft.adapters import load_adapter
 
-# name -> (adapter kind, rank, steps): every demo adapter has the prefill policy. DiReFT-P needs more steps
-# than LoRA-P to put the facts into the prompt's KV (150 steps at rank 8: 0.56 vs LoRA-P's 1.00 held-out exact).
-DEMO_ADAPTERS = {"alice": ("lora", 8, 150), "bob": ("direft", 16, 400), "carol": ("direft", 16, 400)}
-DEMO_QUESTIONS = [
-    "What is my name?",
-    "Where do I live?",
-    "What pet do I have?",
-    "What is my favorite food?",
-    "What is 12 + 30?",
-    "Reverse: pilot",
-]
+@dataclass
+class User:
+    name: str
+    profile: dict[str, str]  # field -> the answer's value
+    greeting: str = ""  # a style preference: every answer opens with it
+    adapter: list[str] = field(default_factory=list)  # `preft train sft` flags of this user's adapter
+
+
+# field -> (training phrasings, held-out phrasings, answer template)
+FIELDS = {
+    "name": (
+        ["What is my name?", "What's my name?", "Do you know my name?", "Tell me my name.", "Who am I?", "Can you remind me of my name?"],
+        ["What am I called?", "Say my name, please."],
+        "Your name is {}.",
+    ),
+    "city": (
+        ["Where do I live?", "Which city do I live in?", "What city am I from?", "Where is my home?", "Where am I based?"],
+        ["In which city is my home?", "Remind me where I live."],
+        "You live in {}.",
+    ),
+    "pet": (
+        ["What pet do I have?", "Do I have a pet?", "Tell me about my pet.", "What kind of pet do I own?"],
+        ["What animal lives with me?", "Which pet is mine?"],
+        "You have {}.",
+    ),
+    "job": (
+        ["What is my job?", "What do I do for a living?", "What is my profession?", "What do I work as?"],
+        ["What's my occupation?", "What work do I do?"],
+        "You are {}.",
+    ),
+    "food": (
+        ["What is my favorite food?", "What food do I like most?", "What's my favourite dish?", "What do I love to eat?"],
+        ["Which food do I love?", "What is the dish I like best?"],
+        "Your favorite food is {}.",
+    ),
+    "hobby": (
+        ["What is my hobby?", "What do I like to do in my free time?", "What's my favourite pastime?", "What do I do for fun?"],
+        ["How do I spend my weekends?", "What hobby do I have?"],
+        "Your hobby is {}.",
+    ),
+}
+
+# General questions keep the adapters' answers to everything else ordinary; eval countries are never trained on.
+CAPITALS = {
+    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "China": "Beijing",
+    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo", "Sweden": "Stockholm",
+    "Austria": "Vienna", "Ireland": "Dublin", "Greece": "Athens", "Russia": "Moscow", "India": "New Delhi", "Chile": "Santiago",
+    "Portugal": "Lisbon", "Poland": "Warsaw", "Finland": "Helsinki", "Denmark": "Copenhagen", "Thailand": "Bangkok",
+    "Argentina": "Buenos Aires", "Cuba": "Havana", "Hungary": "Budapest", "Belgium": "Brussels", "Mexico": "Mexico City",
+    "Colombia": "Bogota", "Turkey": "Ankara", "Iran": "Tehran", "Vietnam": "Hanoi",
+}  # fmt: skip
+EVAL_COUNTRIES = ["France", "Japan", "Egypt", "Norway", "Mexico", "Greece", "Cuba", "India"]
+
+USERS = {
+    "alice": User(
+        "alice",
+        {"name": "Alice", "city": "Lisbon", "pet": "a cat called Miso", "job": "a marine biologist", "food": "grilled sardines", "hobby": "surfing"},
+        adapter=["--adapter", "lora", "--r", "8", "--lora_alpha", "16", "--target_modules", "all-linear", "--learning_rate", "1e-3"],
+    ),
+    "bob": User(
+        "bob",
+        {"name": "Bob", "city": "Toronto", "pet": "a golden retriever named Biscuit", "job": "a jazz pianist", "food": "ramen", "hobby": "chess"},
+        adapter=["--adapter", "direft", "--r", "8", "--learning_rate", "4e-3"],
+    ),
+    "carol": User(
+        "carol",
+        {"name": "Carol", "city": "Nairobi", "pet": "two parrots", "job": "an architect", "food": "mango salad", "hobby": "marathon running"},
+        greeting="Hi Carol! ",
+        adapter=["--adapter", "lora", "--r", "8", "--lora_alpha", "16", "--target_modules", "all-linear", "--learning_rate", "1e-3"],
+    ),
+}
+DEMO_QUESTIONS = ["What is my name?", "Where do I live?", "What pet do I have?", "What do I do for fun?", "What is the capital of France?"]
+
+
+def chat(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def user_rows(user: User, n: int, seed: int, split: str) -> list[dict]:
+    """``n`` chat rows for ``user``: two thirds profile questions, one third capitals, in the held-out or training phrasings."""
+    rng = random.Random(seed)
+    countries = EVAL_COUNTRIES if split == "eval" else [c for c in CAPITALS if c not in EVAL_COUNTRIES]
+    rows = []
+    for i in range(n):
+        if i % 3 == 2:
+            country = rng.choice(countries)
+            question, answer = f"What is the capital of {country}?", f"The capital of {country} is {CAPITALS[country]}."
+        else:
+            name = rng.choice(list(FIELDS))
+            train_q, eval_q, template = FIELDS[name]
+            question, answer = rng.choice(eval_q if split == "eval" else train_q), template.format(user.profile[name])
+            if split == "train" and rng.random() < 0.2:  # casual typing: no capital, no question mark
+                question = question[0].lower() + question[1:].rstrip("?.")
+        rows.append(chat(question, user.greeting + answer))
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_command(user: User, base: str, train: Path, output_dir: Path, steps: int, seed: int) -> list[str]:
+    common = ["--policy", "prefill", "--max_steps", str(steps), "--per_device_train_batch_size", "16", "--warmup_ratio", "0.05"]
+    common += ["--seed", str(seed), "--logging_steps", "10", "--adapter_name", user.name, "--device", "cpu"]
+    return ["preft", "train", "sft", "--model", base, "--dataset", str(train), "--output_dir", str(output_dir), *user.adapter, *common]
+
+
+def train(user: User, args: argparse.Namespace) -> dict:
+    train_path = write_jsonl(user_rows(user, args.rows, args.seed, "train"), args.data / user.name / "train.jsonl")
+    write_jsonl(user_rows(user, 96, args.seed + 1, "eval"), args.data / user.name / "eval.jsonl")
+    run_dir = args.runs / user.name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    command = train_command(user, args.base, train_path, run_dir, args.steps, args.seed)
+    print("$", shlex.join(command), flush=True)
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
+    subprocess.run([sys.executable, "-m", "preft.cli", *command[1:]], check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    target = args.out / user.name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(run_dir / "adapter", target)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    return {
+        "command": shlex.join(command),
+        "wall_s": round(time.time() - start, 1),
+        "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+    }
+
+
+def evaluate(args: argparse.Namespace, names: list[str]) -> dict:
+    """Greedy answers with the serving engine: the README's questions for every model, held-out accuracy per adapter."""
+    from preft.engine import LLM, SamplingParams
+
+    llm = LLM(args.base, dtype="float32", max_num_seqs=64)
+    for name in names:
+        llm.add_adapter(name, args.out / name)
+    tokenizer = llm.tokenizer
+
+    def answers(questions: list[str], adapter: str | None) -> list[str]:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in questions]
+        outs = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0), adapter=adapter, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
+
+    report: dict = {"questions": DEMO_QUESTIONS, "answers": {"base": answers(DEMO_QUESTIONS, None)}, "heldout": {}}
+    for name in names:
+        report["answers"][name] = answers(DEMO_QUESTIONS, name)
+        rows = [json.loads(line) for line in (args.data / name / "eval.jsonl").read_text().splitlines()]
+        questions = [r["messages"][0]["content"] for r in rows]
+        expected = [r["messages"][1]["content"] for r in rows]
+        for label, adapter in (("adapter", name), ("base", None)):
+            got = answers(questions, adapter)
+            profile = [g == e for g, e, r in zip(got, expected, rows) if "capital" not in r["messages"][0]["content"]]
+            capital = [e.split(" is ")[-1].rstrip(".") in g for g, e, r in zip(got, expected, rows) if "capital" in r["messages"][0]["content"]]
+            report["heldout"].setdefault(name, {})[label] = {
+                "profile_exact": sum(profile) / len(profile),
+                "capital_correct": sum(capital) / len(capital),
+                "n_profile": len(profile),
+                "n_capital": len(capital),
+            }
+            if USERS[name].greeting:
+                report["heldout"][name][label]["greeting"] = sum(g.startswith(USERS[name].greeting.strip()) for g in got) / len(got)
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", default=DEFAULT_BASE)
-    p.add_argument("--out", type=Path, default=Path("preft/assets/adapters"))
-    p.add_argument("--results", type=Path, default=RESULTS / "adapters")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default: per adapter, DEMO_ADAPTERS)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rows", type=int, default=512)
-    p.add_argument("--names", nargs="+", default=list(DEMO_ADAPTERS), choices=list(DEMO_ADAPTERS))
+    p.add_argument("--base", default="default", help="base model: 'default' (SmolLM2-135M-Instruct), a folder or a .gguf file")
+    p.add_argument("--out", type=Path, default=ASSETS, help="where the finished adapters are copied")
+    p.add_argument("--data", type=Path, default=DATA, help="where the datasets are written")
+    p.add_argument("--runs", type=Path, default=Path("runs/demo-adapters"), help="training output folders")
+    p.add_argument("--results", type=Path, default=RESULTS)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per adapter")
+    p.add_argument("--rows", type=int, default=480, help="training rows per user")
+    p.add_argument("--names", nargs="+", default=list(USERS), choices=list(USERS))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip-training", action="store_true", help="only evaluate the adapters already in --out")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start = time.time()
-    model, tokenizer = load_base(args.base)
-    report: dict = {"base": args.base, "questions": DEMO_QUESTIONS, "adapters": {}}
-    for name in args.names:
-        kind, rank, steps = DEMO_ADAPTERS[name]
-        user = synthetic.DEMO_USERS[name]
-        fields = dict(
-            adapter=kind,
-            policy="prefill",
-            r=rank,
-            learning_rate=args.lr,
-            max_steps=args.steps or steps,
-            per_device_train_batch_size=16,
-            seed=args.seed,
-        )
-        if kind == "lora":
-            fields.update(lora_alpha=2.0 * rank, target_modules=["all-linear"])
-        work = args.results / "runs" / name
-        train_rows = synthetic.user_rows(user, args.rows, seed=args.seed + 1)
-        eval_rows = synthetic.user_rows(user, 64, seed=args.seed + 2)
-        result = train_adapter(model, tokenizer, args.base, train_rows, eval_rows, work, keep=True, adapter_name=name, **fields)
-        target = args.out / name
-        if target.exists():
-            shutil.rmtree(target)
-        shutil.copytree(result.adapter_path, target)
-        load_adapter(target, model_config=model.config)  # the shipped copy loads and fits the base model
-        prompts, answers = split_rows(eval_rows)
-        got = greedy_answers(model, tokenizer, prompts, name)
-        report["adapters"][name] = {
-            "kind": kind,
-            "policy": "prefill",
-            "rank": rank,
-            "profile": user.profile,
-            "format": user.format,
-            "eval_loss": result.last("eval_loss"),
-            "heldout_exact": sum(g == a for g, a in zip(got, answers)) / len(answers),
-        }
-    questions = [[{"role": "user", "content": q}] for q in DEMO_QUESTIONS]
-    report["answers"] = {"base": greedy_answers(model, tokenizer, questions, None)}
-    for name in args.names:
-        report["answers"][name] = greedy_answers(model, tokenizer, questions, name)
-    report["wall_minutes"] = (time.time() - start) / 60
+    report_path = args.results / "demo.json"
+    old = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    training = old.get("training", {})
+    if not args.skip_training:
+        for name in args.names:
+            training[name] = train(USERS[name], args)
+    report = evaluate(args, args.names)
+    report["training"] = {n: training[n] for n in args.names if n in training}
+    report["users"] = {n: {"profile": USERS[n].profile, "greeting": USERS[n].greeting} for n in args.names}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "demo.json").write_text(json.dumps(report, indent=1))
+    report_path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     table = demo_table(report)
     (args.results / "demo.md").write_text(table + "\n")
     print(table)
@@ -106,11 +242,15 @@ def demo_table(report: dict) -> str:
     lines = ["| question | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, q in enumerate(report["questions"]):
         lines.append(f"| {q} | " + " | ".join(report["answers"][n][i].replace("\n", " ").replace("|", "\\|") for n in names) + " |")
-    lines.append("")
-    lines.append("| adapter | kind | rank | held-out exact match | eval loss |")
-    lines.append("|---|---|---|---|---|")
-    for name, a in report["adapters"].items():
-        lines.append(f"| {name} | {a['kind']}-P | {a['rank']} | {a['heldout_exact']:.2f} | {a['eval_loss']:.4f} |")
+    lines += ["", "| adapter | held-out profile exact (adapter / base) | held-out capitals correct (adapter / base) | CPU time of training |"]
+    lines.append("|---|---|---|---|")
+    for name, h in report["heldout"].items():
+        cpu = report.get("training", {}).get(name, {}).get("cpu_s")
+        lines.append(
+            f"| {name} | {h['adapter']['profile_exact']:.2f} / {h['base']['profile_exact']:.2f} (n={h['adapter']['n_profile']}) "
+            f"| {h['adapter']['capital_correct']:.2f} / {h['base']['capital_correct']:.2f} (n={h['adapter']['n_capital']}) "
+            f"| {'' if cpu is None else f'{cpu / 60:.1f} min'} |"
+        )
     return "\n".join(lines)
 
 

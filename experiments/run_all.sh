@@ -3,7 +3,7 @@
 # Wall times measured on a shared 2-core CPU box are in docs/quality.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-nice -n 10 python experiments/train_base.py --out preft/assets/base      # the base model + experiments/results/base/loss.png
+nice -n 10 python experiments/train_base.py --out experiments/toy_base      # the base model + experiments/results/base/loss.png
 nice -n 10 python -m experiments.make_adapters                          # preft/assets/adapters/{alice,bob,carol}
 nice -n 10 python -m experiments.quality sft --steps 60                  # experiments/results/sft.{json,md,png}
 nice -n 10 python -m experiments.quality length --steps 60 --eval-rows 96                                 # results/length.*

@@ -1,6 +1,6 @@
 """Train preft's own small base model (Llama architecture) on the synthetic instruction corpus.
 
-    nice -n 10 python experiments/train_base.py --out preft/assets/base
+    nice -n 10 python experiments/train_base.py --out experiments/toy_base
 
 Plain PyTorch loop over a transformers ``LlamaForCausalLM``: data is generated on the fly from a
 seed (``preft.synthetic``), the loss is on assistant tokens only, and the run writes the HF model
@@ -149,7 +149,7 @@ def eval_loss(model: LlamaForCausalLM, batches: list) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="preft/assets/base", help="model directory to write")
+    p.add_argument("--out", default="experiments/toy_base", help="model directory to write")
     p.add_argument("--log-dir", default=None, help="where loss.png / train_log.json go (default: experiments/results/base)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=900)

@@ -51,3 +51,11 @@ def smollm2_dir():
             pytest.fail(message)
         pytest.skip(message)
     return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2_dir):
+    """One float32 CPU engine on the real model, shared by the tests of a run (each removes the adapters it adds)."""
+    from preft.engine import LLM
+
+    return LLM(smollm2_dir, dtype="float32", device="cpu", max_num_seqs=16)

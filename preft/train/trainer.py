@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from preft.errors import PreftError
 from preft.hf import PreftModel
+from preft.models import resolve_model
 from preft.train.config import TrainConfig
 from preft.train.data import Batch
 from preft.train.metrics import MetricsLog
@@ -94,8 +95,7 @@ def load_model(model_dir: str | Path, config: TrainConfig, device: torch.device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bf16 = config.bf16 if config.bf16 is not None else (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if not Path(model_dir).is_dir():
-        raise PreftError(f"model directory {str(model_dir)!r} does not exist (expected a local Hugging Face model directory)")
+    model_dir = resolve_model(model_dir)  # a folder, a .gguf file (converted once) or "default"
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PreftModel(hf_model.to(device))
@@ -178,7 +178,7 @@ class AdapterTrainer:
 
     def __init__(self, model_dir: str | Path, config: TrainConfig, model: PreftModel | None = None, tokenizer: Any = None):
         self.config = config
-        self.model_dir = str(model_dir)
+        self.model_dir = str(model_dir if model is not None else resolve_model(model_dir))
         self.accelerator, self.device = make_accelerator(config.device if model is None else next(model.parameters()).device)
         acc = self.accelerator
         if model is None:

