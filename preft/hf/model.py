@@ -11,11 +11,12 @@ engine is tested against. It follows DESIGN §1:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from preft.adapters import (
     Adapter,
@@ -25,7 +26,6 @@ from preft.adapters import (
     fingerprint,
     load_adapter,
     lora_key,
-    low_rank_delta,
     parse_positions,
     reft_key,
     reft_position_mask,
@@ -43,6 +43,12 @@ class BatchAdapters:
 
     row_adapter: list[str | None]
     adapter_mask: Tensor  # [B, T] float: 1 where the row's adapter acts
+    _token_slots: dict = field(default_factory=dict, repr=False)  # computed once per forward, shared by the layers
+
+    @property
+    def names(self) -> set[str]:
+        """The adapters some row of the batch uses."""
+        return {a for a in self.row_adapter if a is not None}
 
     def mask_for(self, name: str) -> Tensor | None:
         """``[B, T]`` mask of the tokens adapted by ``name`` (None if no row uses it)."""
@@ -51,6 +57,62 @@ class BatchAdapters:
             return None
         select = torch.tensor(rows, device=self.adapter_mask.device, dtype=self.adapter_mask.dtype)
         return self.adapter_mask * select[:, None]
+
+    def token_slots(self, names: tuple[str, ...], positions: tuple[tuple[int, int] | None, ...] | None = None) -> Tensor | None:
+        """``[B * T]``: for each token, the index in ``names`` of the adapter acting on it, or -1.
+
+        The ``token_slot`` of the grouped low-rank product (``preft.engine.lowrank``). ``positions``
+        (ReFT) restricts each adapter to its pyreft-style positions. None when no token is adapted.
+        """
+        key = (names, positions)
+        if key not in self._token_slots:
+            slot = torch.full((self.adapter_mask.numel(),), -1, dtype=torch.long, device=self.adapter_mask.device)
+            for i, name in enumerate(names):
+                mask = self.mask_for(name)
+                if mask is None:
+                    continue
+                if positions is not None:
+                    mask = reft_position_mask(mask, positions[i])
+                slot = torch.where(mask.reshape(-1) > 0, i, slot)
+            self._token_slots[key] = slot if bool((slot >= 0).any()) else None
+        return self._token_slots[key]
+
+
+def grouped_delta(
+    x: Tensor,
+    token_slot: Tensor,
+    factors: list[tuple[Tensor, Tensor | None, Tensor]],
+    scaling: list[float],
+    dropouts: list[nn.Module],
+) -> Tensor:
+    """``[N, out]``: token ``n`` gets ``low_rank_delta`` of adapter ``token_slot[n]`` (0 where -1), with autograd.
+
+    ``factors[i] = (down [r_i, in], bias [r_i] | None, up [out, r_i])``. One call of the engine's
+    grouped product (``grouped_low_rank_reference``: each adapter on its own tokens at its own rank)
+    per distinct dropout setting; the factors are stacked (zero-padded to the largest rank), so
+    gradients reach every adapter's parameters.
+    """
+    # Imported here: preft.engine's sampler imports preft.hf, so a module-level import would be circular.
+    from preft.engine.lowrank import grouped_low_rank_reference
+
+    r_max = max(down.shape[0] for down, _, _ in factors)
+    down = torch.stack([F.pad(d, (0, 0, 0, r_max - d.shape[0])) for d, _, _ in factors])
+    up = torch.stack([F.pad(u, (0, r_max - u.shape[1])) for _, _, u in factors])
+    bias = None if factors[0][1] is None else torch.stack([F.pad(b, (0, r_max - b.shape[0])) for _, b, _ in factors])
+    ranks = [d.shape[0] for d, _, _ in factors]
+    # Adapters with the same dropout share one dropped-out input (one call when, as usual, all do).
+    groups: dict[tuple[float, bool], list[int]] = {}
+    for i, dropout in enumerate(dropouts):
+        groups.setdefault((float(getattr(dropout, "p", 0.0)), dropout.training), []).append(i)
+    out = None
+    for members in groups.values():
+        slots = token_slot
+        if len(groups) > 1:
+            keep = torch.zeros(len(factors) + 1, dtype=torch.bool, device=token_slot.device)
+            keep[torch.tensor(members, device=token_slot.device)] = True
+            slots = torch.where(keep[token_slot], token_slot, -1)  # index -1 reads keep[-1] = False
+        out = grouped_low_rank_reference(dropouts[members[0]](x), slots, down, up, bias, ranks, scaling, out=out)
+    return out
 
 
 class LoraWeights(nn.Module):
@@ -77,13 +139,15 @@ class LoraLinear(nn.Module):
         batch = self._batch.current
         if batch is None:
             return out
-        for name, w in self.adapters.items():
-            mask = batch.mask_for(name)
-            if mask is None:
-                continue
-            delta = low_rank_delta(w.dropout(x.to(w.lora_A.dtype)), w.lora_A, w.lora_B, scaling=w.scaling)
-            out = out + (delta * mask[..., None].to(delta.dtype)).to(out.dtype)
-        return out
+        names = tuple(n for n in self.adapters if n in batch.names)
+        token_slot = batch.token_slots(names) if names else None
+        if token_slot is None:
+            return out
+        weights = [self.adapters[n] for n in names]
+        x = x.reshape(-1, x.shape[-1]).to(weights[0].lora_A.dtype)
+        factors = [(w.lora_A, None, w.lora_B) for w in weights]
+        delta = grouped_delta(x, token_slot, factors, [w.scaling for w in weights], [w.dropout for w in weights])
+        return out + delta.view(out.shape).to(out.dtype)
 
 
 def orthonormal_rows(basis: Tensor) -> Tensor:
@@ -344,15 +408,16 @@ class PreftModel(nn.Module):
             if batch is None or not len(self.reft):
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
-            for name, edits in self.reft.items():
-                edit = edits[str(layer)] if str(layer) in edits else None
-                mask = batch.mask_for(name) if edit is not None else None
-                if mask is None:
-                    continue
-                mask = reft_position_mask(mask, parse_positions(self.configs[name].positions))
-                down, bias, up = edit.factors()
-                delta = low_rank_delta(edit.dropout(hidden.to(down.dtype)), down, up, bias)
-                hidden = hidden + (delta * mask[..., None].to(delta.dtype)).to(hidden.dtype)
+            names = tuple(n for n, edits in self.reft.items() if n in batch.names and str(layer) in edits)
+            positions = tuple(parse_positions(self.configs[n].positions) for n in names)
+            token_slot = batch.token_slots(names, positions) if names else None
+            if token_slot is None:
+                return output
+            edits = [self.reft[n][str(layer)] for n in names]
+            factors = [edit.factors() for edit in edits]
+            flat = hidden.reshape(-1, hidden.shape[-1]).to(factors[0][0].dtype)
+            delta = grouped_delta(flat, token_slot, factors, [1.0] * len(edits), [edit.dropout for edit in edits])
+            hidden = hidden + delta.view(hidden.shape).to(hidden.dtype)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return hook

@@ -105,6 +105,29 @@ class SFTConfig(TrainConfig):
     eval_split: float = _f(0.0, "fraction of the training rows held out for eval loss (when no --eval_dataset)")
     eval_steps: int = _f(0, "compute eval loss every N steps (0: only at the end)")
     per_device_eval_batch_size: int = _f(8, "rows per eval batch")
+    # many users in one job (a dataset whose rows name their user; preft.train.multi_user)
+    user_column: str = _f(
+        "auto",
+        "column naming each row's user, one adapter per user: auto (user or adapter, when the rows have one), none "
+        "(one adapter for the whole dataset), or a column name; a --dataset folder holds one <user>.jsonl per user",
+    )
+    users_per_step: int = _f(8, "multi-user jobs: users trained together; each step's batch holds one micro-batch of each")
+    early_stopping_patience: int = _f(
+        0, "multi-user jobs: stop a user after N evals without eval_loss improving (0: off); the user's best adapter is saved"
+    )
+    early_stopping_threshold: float = _f(0.0, "multi-user jobs: how much eval_loss must drop to count as an improvement")
+    split_users_over_ranks: bool = _f(
+        False,
+        "multi-user jobs under torchrun: every rank trains every user on its share of each micro-batch (gradients all-reduced) "
+        "instead of each user living on one rank",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.users_per_step < 1:
+            raise PreftError(f"--users_per_step must be >= 1, got {self.users_per_step}")
+        if self.early_stopping_patience < 0:
+            raise PreftError(f"--early_stopping_patience must be >= 0, got {self.early_stopping_patience}")
 
 
 @dataclass

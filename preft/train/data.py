@@ -15,6 +15,7 @@ and counted.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,3 +200,73 @@ def collate(rows: list[tuple[list[int], list[int]]], policy: str, pad_token_id: 
         adapter_mask[i, :n] = torch.tensor(adapter_mask_for(len(prompt), n, policy))
         completion_mask[i, len(prompt) : n] = 1
     return Batch(input_ids, attention_mask, adapter_mask, completion_mask)
+
+
+# ---- many users in one dataset -------------------------------------------------------------
+
+USER_COLUMNS = ("user", "adapter")  # the columns that name a row's user under --user_column auto
+USER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")  # a user's name is its adapter's name and its output folder
+
+
+def user_column_of(path: str | Path, user_column: str = "auto") -> str | None:
+    """The column naming each row's user, ``""`` for a folder (one file per user), or None (one adapter).
+
+    ``user_column``: ``auto`` (``user`` or ``adapter`` if the first row has it), ``none``, or a column name.
+    """
+    path = Path(path)
+    if user_column == "none":
+        if path.is_dir():
+            raise DataError(f"--user_column none needs a dataset file, but {str(path)!r} is a folder (one JSONL file per user)")
+        return None
+    if path.is_dir():
+        return ""
+    if user_column != "auto":
+        return user_column
+    first = next((row for _, row, error in read_jsonl(path) if error is None and isinstance(row, dict)), None)
+    return next((c for c in USER_COLUMNS if first is not None and c in first), None)
+
+
+def load_user_examples(
+    path: str | Path, tokenizer: Any, max_length: int, user_column: str = "auto", skip_bad_rows: bool = False
+) -> tuple[dict[str, list[Example]], LoadReport]:
+    """Rows grouped by user, each user's rows in file order: ``{user: examples}``.
+
+    ``path`` is a JSONL file whose rows name their user in ``user_column`` (see ``user_column_of``),
+    or a folder of ``<user>.jsonl`` files. Users keep their order of first appearance (a folder: sorted).
+    A row without a valid user name is a bad row (``file:line``), like any other.
+    """
+    path = Path(path)
+    column = user_column_of(path, user_column)
+    if column is None:
+        raise DataError(f"{path}: no user column (expected one of {list(USER_COLUMNS)} or --user_column NAME), so it has one adapter")
+    users: dict[str, list[Example]] = {}
+    report = LoadReport()
+    if column == "":
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise DataError(f"dataset folder {str(path)!r} has no *.jsonl files (expected one file per user, named <user>.jsonl)")
+        for file in files:
+            if not USER_NAME.match(file.stem):
+                raise DataError(f"{file}: the file name must be a user name (letters, digits, '_' and '-'), got {file.stem!r}")
+            examples, part = load_examples(file, tokenizer, max_length, skip_bad_rows=skip_bad_rows)
+            users[file.stem] = examples
+            report.skipped += part.skipped
+            report.truncated += part.truncated
+        report.rows = sum(len(e) for e in users.values())
+        return users, report
+    examples, report = load_examples(path, tokenizer, max_length, skip_bad_rows=skip_bad_rows)
+    for example in examples:
+        user = example.columns.get(column)
+        if not isinstance(user, str) or not USER_NAME.match(user):
+            problem = (
+                f"missing column {column!r}" if user is None else f"{column!r} must be a name of letters, digits, '_' and '-', got {user!r}"
+            )
+            if not skip_bad_rows:
+                raise DataError(f"{example.source}: {problem} (every row of a multi-user dataset names its user)")
+            report.skipped.append(f"{example.source}: {problem}")
+            continue
+        users.setdefault(user, []).append(example)
+    report.rows = sum(len(e) for e in users.values())
+    if not users:
+        raise DataError(f"{path}: no usable rows ({report.summary()})")
+    return users, report

@@ -17,9 +17,11 @@ from typing import Any
 
 import torch
 
+from preft.errors import PreftError
 from preft.hf import PreftModel
 from preft.train.config import SFTConfig
-from preft.train.data import Batch, DataError, Example, collate, load_examples
+from preft.train.data import Batch, DataError, Example, collate, load_examples, user_column_of
+from preft.train.multi_user import MultiUserSFTTrainer, UsersResult
 from preft.train.trainer import AdapterTrainer, TrainResult, ordered_batches, token_logprobs
 
 
@@ -41,8 +43,15 @@ class SFTTrainer(AdapterTrainer):
         model: PreftModel | None = None,
         tokenizer: Any = None,
     ):
+        if user_column_of(train_dataset, config.user_column) is not None:
+            raise PreftError(
+                f"{train_dataset}: the rows name their users, so this is a multi-user job (preft.train.MultiUserSFTTrainer, "
+                "or preft.train.sft); pass --user_column none to train one adapter on every row"
+            )
         super().__init__(model_dir, config, model, tokenizer)
         self.config: SFTConfig = config
+        if config.early_stopping_patience > 0:
+            raise PreftError("--early_stopping_patience is implemented for multi-user jobs (a dataset whose rows name their user)")
         examples, report = load_examples(train_dataset, self.tokenizer, config.max_length, skip_bad_rows=config.skip_bad_rows)
         self.load_report = report
         self.eval_examples: list[Example] = []
@@ -113,13 +122,17 @@ class SFTTrainer(AdapterTrainer):
         return {"eval_loss": total / n}
 
 
-def sft(model_dir: str | Path, dataset: str | Path, config: SFTConfig | None = None, **overrides: Any) -> TrainResult:
+def sft(model_dir: str | Path, dataset: str | Path, config: SFTConfig | None = None, **overrides: Any) -> TrainResult | UsersResult:
     """Train an adapter with SFT and return where it was saved (``result.adapter_path``) and its metrics.
 
     ``sft("models/qwen", "data.jsonl", SFTConfig(adapter="direft", r=8, max_steps=200))`` or
     ``sft(model, data, output_dir="out", policy="all")``: keyword overrides build or replace config fields.
+    A dataset whose rows name their user (or a folder of ``<user>.jsonl``) trains one adapter per user
+    in one job and returns a ``UsersResult`` (``preft.train.multi_user``).
     """
     import dataclasses
 
     config = dataclasses.replace(config, **overrides) if config else SFTConfig(**overrides)
+    if user_column_of(dataset, config.user_column) is not None:
+        return MultiUserSFTTrainer(model_dir, config, dataset).train()
     return SFTTrainer(model_dir, config, dataset).train()

@@ -49,7 +49,7 @@ class TrainResult:
         return values[-1] if values else None
 
 
-def completion_logits(model: PreftModel, batch: Batch, adapter_name: str | None) -> tuple[Tensor, int]:
+def completion_logits(model: PreftModel, batch: Batch, adapter_name: str | list[str | None] | None) -> tuple[Tensor, int]:
     """Float logits ``[B, T - start, V]`` that predict tokens ``start .. T-1``, and ``start`` (the first completion column).
 
     One teacher-forced forward with ``batch.adapter_mask`` (the serving mask). Only the logits that
@@ -80,11 +80,12 @@ def gather_logprobs(logits: Tensor, batch: Batch, start: int, temperature: float
     return torch.cat([picked.new_zeros(picked.shape[0], start), picked], dim=1)
 
 
-def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | None, temperature: float = 1.0) -> Tensor:
+def token_logprobs(model: PreftModel, batch: Batch, adapter_name: str | list[str | None] | None, temperature: float = 1.0) -> Tensor:
     """``[B, T]`` log-probability of each token given the tokens before it; 0 before the first completion token.
 
     The log-prob of completion token ``t`` is exactly what incremental generation computes for it
-    (the serving ``adapter_mask``). ``adapter_name`` None runs the base model (the KL reference).
+    (the serving ``adapter_mask``). ``adapter_name`` None runs the base model (the KL reference); a list
+    names each row's adapter (a batch mixing users).
     """
     logits, start = completion_logits(model, batch, adapter_name)
     return gather_logprobs(logits, batch, start, temperature)
@@ -101,6 +102,13 @@ def load_model(model_dir: str | Path, config: TrainConfig, device: torch.device)
     model = PreftModel(hf_model.to(device))
     model.eval()  # base dropout off; adapter dropout is switched on in train() below
     return model, tokenizer
+
+
+def set_adapter_dropout(model: PreftModel, training: bool) -> None:
+    """Only the adapters' dropout follows train/eval; the frozen base stays in eval mode."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and (".adapters." in name or name.startswith("reft.")):
+            module.train(training)
 
 
 class SingleProcess:
@@ -219,10 +227,7 @@ class AdapterTrainer:
     # ---- shared loop ---------------------------------------------------------------------------
 
     def set_train(self, training: bool) -> None:
-        """Only the adapter's dropout follows train/eval; the frozen base stays in eval mode."""
-        for name, module in self.model.named_modules():
-            if isinstance(module, torch.nn.Dropout) and (".adapters." in name or name.startswith("reft.")):
-                module.train(training)
+        set_adapter_dropout(self.model, training)
 
     def optimizer_step(self) -> float:
         grad_norm = float("nan")
