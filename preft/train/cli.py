@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(TRAINERS[args.trainer], args)
         if args.trainer == "sft" and user_column_of(args.dataset, config.user_column) is not None:
             users = MultiUserSFTTrainer(args.model, config, args.dataset).train()
+            if not users.is_main:
+                return 0
             early = sum(bool(s["stopped_early"]) for s in users.summaries.values())
             print(f"{len(users.adapters)} adapters saved to {users.output_dir}/<user>/ ({early} stopped early)")
             print(f"metrics: {users.output_dir / 'metrics.jsonl'}; per user: {users.output_dir / 'users.json'}")

@@ -174,6 +174,12 @@ class UserRun:
 # ---- files ---------------------------------------------------------------------------------------
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_atomic(path: Path, write: Any) -> None:
     """``write(tmp_path)`` then rename over ``path``: a reader sees the old file or the new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +187,7 @@ def _write_atomic(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a server running as another user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -216,6 +223,9 @@ class JobFiles:
         try:
             save_adapter(adapter, staging / user)
             (staging / user / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+            os.chmod(staging / user, 0o777 & ~_umask())  # mkdtemp's 0700, as for a folder made with mkdir
+            for file in (staging / user).iterdir():
+                os.chmod(file, 0o666 & ~_umask())
             target = self.root / user
             os.rename(staging / user, target)  # fails rather than merge into an existing folder
             return target
@@ -248,6 +258,7 @@ class UsersResult:
     summaries: dict[str, dict]  # user -> its training_summary.json
     metrics: list[dict] = field(default_factory=list)  # the rows of metrics.jsonl ({"user", "step", "loss", ...})
     plot_path: Path | None = None
+    is_main: bool = True  # False on the other ranks of a torchrun job (they write nothing at the end)
 
 
 class MultiUserSFTTrainer:
@@ -344,6 +355,7 @@ class MultiUserSFTTrainer:
             summary = {
                 "user": run.name,
                 "job_id": self.job_id,
+                "rank": self.ranks.rank,
                 "steps": run.step,
                 "total_steps": run.total_steps,
                 "stopped_early": run.stopped_early,
@@ -547,6 +559,7 @@ class MultiUserSFTTrainer:
         plot = None
         if self.ranks.is_main:
             root = self.job.root
+            shutil.rmtree(self.job.dir / "tmp", ignore_errors=True)
             (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             table = {u: {k: v for k, v in s.items() if k != "log_history"} for u, s in summaries.items()}
             (root / "users.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -555,7 +568,7 @@ class MultiUserSFTTrainer:
                 root / "loss.png",
                 title=f"{len(summaries)} users, {self.config.adapter} r={self.config.r} policy={self.config.policy}",
             )
-        return UsersResult(self.job.root, {u: self.job.root / u for u in summaries}, summaries, rows, plot)
+        return UsersResult(self.job.root, {u: self.job.root / u for u in summaries}, summaries, rows, plot, self.ranks.is_main)
 
 
 def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
