@@ -1,6 +1,6 @@
 """Train the demo adapters shipped with preft: prefill-only adapters on SmolLM2-135M-Instruct, with ``preft train sft``.
 
-    nice -n 10 python -m experiments.make_adapters          # all three adapters, then the evaluation
+    python -m experiments.make_adapters          # all three adapters, then the evaluation
 
 Each user has a private profile the base model cannot know (name, city, pet, job, food, hobby);
 ``carol`` also has a style preference: every answer, personal or not, opens with "Hi Carol!".
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shlex
@@ -31,6 +32,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 RESULTS = Path("experiments/results/adapters")
 DATA = Path("experiments/demo_data")
@@ -43,6 +46,7 @@ class User:
     profile: dict[str, str]  # field -> the answer's value
     greeting: str = ""  # a style preference: every answer opens with it
     adapter: list[str] = field(default_factory=list)  # `preft train sft` flags of this user's adapter
+    steps: int = 40  # optimizer steps (batch 16)
 
 
 # field -> (training phrasings, held-out phrasings, answer template)
@@ -93,17 +97,39 @@ EVAL_COUNTRIES = ["France", "Japan", "Egypt", "Norway", "Mexico", "Greece", "Cub
 USERS = {
     "alice": User(
         "alice",
-        {"name": "Alice", "city": "Lisbon", "pet": "a cat called Miso", "job": "a marine biologist", "food": "grilled sardines", "hobby": "surfing"},
+        {
+            "name": "Alice",
+            "city": "Lisbon",
+            "pet": "a cat called Miso",
+            "job": "a marine biologist",
+            "food": "grilled sardines",
+            "hobby": "surfing",
+        },
         adapter=["--adapter", "lora", "--r", "8", "--lora_alpha", "16", "--target_modules", "all-linear", "--learning_rate", "1e-3"],
     ),
     "bob": User(
         "bob",
-        {"name": "Bob", "city": "Toronto", "pet": "a golden retriever named Biscuit", "job": "a jazz pianist", "food": "ramen", "hobby": "chess"},
+        {
+            "name": "Bob",
+            "city": "Toronto",
+            "pet": "a golden retriever named Biscuit",
+            "job": "a jazz pianist",
+            "food": "ramen",
+            "hobby": "chess",
+        },
         adapter=["--adapter", "direft", "--r", "8", "--learning_rate", "4e-3"],
+        steps=60,
     ),
     "carol": User(
         "carol",
-        {"name": "Carol", "city": "Nairobi", "pet": "two parrots", "job": "an architect", "food": "mango salad", "hobby": "marathon running"},
+        {
+            "name": "Carol",
+            "city": "Nairobi",
+            "pet": "two parrots",
+            "job": "an architect",
+            "food": "mango salad",
+            "hobby": "marathon running",
+        },
         greeting="Hi Carol! ",
         adapter=["--adapter", "lora", "--r", "8", "--lora_alpha", "16", "--target_modules", "all-linear", "--learning_rate", "1e-3"],
     ),
@@ -152,15 +178,18 @@ def train(user: User, args: argparse.Namespace) -> dict:
     run_dir = args.runs / user.name
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    command = train_command(user, args.base, train_path, run_dir, args.steps, args.seed)
+    command = train_command(user, args.base, train_path, run_dir, args.steps or user.steps, args.seed)
     print("$", shlex.join(command), flush=True)
     before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
-    subprocess.run([sys.executable, "-m", "preft.cli", *command[1:]], check=True)
+    # One thread: on a small shared CPU, two threads per process oversubscribe the cores and a step takes 10x longer.
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    subprocess.run([sys.executable, "-m", "preft.cli", *command[1:]], check=True, env=env)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     target = args.out / user.name
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(run_dir / "adapter", target)
+    ship_bfloat16(target / "adapter_model.safetensors")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
     return {
@@ -172,6 +201,16 @@ def train(user: User, args: argparse.Namespace) -> dict:
     }
 
 
+def ship_bfloat16(path: Path) -> None:
+    """Store the shipped weights in bfloat16 (half the size; preft loads adapters in float32, as PEFT checkpoints often ship)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(path).items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    tmp.replace(path)
+
+
 def evaluate(args: argparse.Namespace, names: list[str]) -> dict:
     """Greedy answers with the serving engine: the README's questions for every model, held-out accuracy per adapter."""
     from preft.engine import LLM, SamplingParams
@@ -181,8 +220,19 @@ def evaluate(args: argparse.Namespace, names: list[str]) -> dict:
         llm.add_adapter(name, args.out / name)
     tokenizer = llm.tokenizer
 
+    base_answers: dict[str, str] = {}  # the base model's answer to a question is the same for every user
+
     def answers(questions: list[str], adapter: str | None) -> list[str]:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in questions]
+        if adapter is None:
+            missing = [q for q in dict.fromkeys(questions) if q not in base_answers]
+            base_answers.update(zip(missing, generate(missing, None)) if missing else ())
+            return [base_answers[q] for q in questions]
+        return generate(questions, adapter)
+
+    def generate(questions: list[str], adapter: str | None) -> list[str]:
+        prompts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True) for q in questions
+        ]
         outs = llm.generate(prompts, SamplingParams(max_tokens=48, temperature=0), adapter=adapter, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outs]
 
@@ -195,7 +245,9 @@ def evaluate(args: argparse.Namespace, names: list[str]) -> dict:
         for label, adapter in (("adapter", name), ("base", None)):
             got = answers(questions, adapter)
             profile = [g == e for g, e, r in zip(got, expected, rows) if "capital" not in r["messages"][0]["content"]]
-            capital = [e.split(" is ")[-1].rstrip(".") in g for g, e, r in zip(got, expected, rows) if "capital" in r["messages"][0]["content"]]
+            capital = [
+                e.split(" is ")[-1].rstrip(".") in g for g, e, r in zip(got, expected, rows) if "capital" in r["messages"][0]["content"]
+            ]
             report["heldout"].setdefault(name, {})[label] = {
                 "profile_exact": sum(profile) / len(profile),
                 "capital_correct": sum(capital) / len(capital),
@@ -214,10 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=DATA, help="where the datasets are written")
     p.add_argument("--runs", type=Path, default=Path("runs/demo-adapters"), help="training output folders")
     p.add_argument("--results", type=Path, default=RESULTS)
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per adapter")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per adapter (default: each user's, USERS)")
     p.add_argument("--rows", type=int, default=480, help="training rows per user")
     p.add_argument("--names", nargs="+", default=list(USERS), choices=list(USERS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training run")
     p.add_argument("--skip-training", action="store_true", help="only evaluate the adapters already in --out")
     args = p.parse_args(argv)
     report_path = args.results / "demo.json"
@@ -242,7 +295,10 @@ def demo_table(report: dict) -> str:
     lines = ["| question | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for i, q in enumerate(report["questions"]):
         lines.append(f"| {q} | " + " | ".join(report["answers"][n][i].replace("\n", " ").replace("|", "\\|") for n in names) + " |")
-    lines += ["", "| adapter | held-out profile exact (adapter / base) | held-out capitals correct (adapter / base) | CPU time of training |"]
+    lines += [
+        "",
+        "| adapter | held-out profile exact (adapter / base) | held-out capitals correct (adapter / base) | CPU time of training |",
+    ]
     lines.append("|---|---|---|---|")
     for name, h in report["heldout"].items():
         cpu = report.get("training", {}).get(name, {}).get("cpu_s")
