@@ -6,6 +6,10 @@ engine is tested against. It follows DESIGN §1:
 - ``forward(..., adapter_mask=M)`` adapts token ``t`` of row ``b`` iff ``M[b, t] == 1``;
 - without a mask it follows each row's policy: with an empty cache every real token is a
   prompt token and is adapted; with a non-empty cache (decode) only ``all``-policy rows are.
+
+Rows of one batch may use different adapters (a multi-user training batch, a mixed reference
+batch): every injected layer applies all of them in one grouped low-rank product, the engine's
+PyTorch ``grouped_low_rank_reference`` (each adapter on its own tokens at its own rank), with autograd.
 """
 
 from __future__ import annotations
