@@ -13,6 +13,7 @@ import math
 import torch
 
 from preft.bench.throughput import MODES, BenchConfig
+from preft.engine.cli import KV_CACHE_MEMORY_HELP
 
 
 def _int_list(text: str) -> list[int]:
@@ -52,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-adapter-slots", type=int, default=None, help="device adapter slots (default: min(max-num-seqs, most adapters))"
     )
+    parser.add_argument("--kv-cache-memory-bytes", default=None, metavar="SIZE", help=KV_CACHE_MEMORY_HELP)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
@@ -85,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_adapter_slots=args.max_adapter_slots,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
         enable_prefix_caching=not args.no_prefix_caching,
         use_cuda_graphs=not args.no_cuda_graphs,
         warmup_requests=args.warmup_requests,
@@ -140,6 +143,7 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
         enable_prefix_caching=cfg.enable_prefix_caching,
         max_model_len=max_len,
         use_cuda_graphs=cfg.use_cuda_graphs,
+        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
     )
     dtype = getattr(llm.engine, "dtype", build_dtype)
     results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device)

@@ -53,6 +53,7 @@ class BenchConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     max_adapter_slots: int | None = None  # None: min(max_num_seqs, largest --num-adapters): no mode waits for a slot
+    kv_cache_memory_bytes: int | str | None = None  # None: the engine's default pool
     enable_prefix_caching: bool = True
     use_cuda_graphs: bool = True
     warmup_requests: int = 8

@@ -5,12 +5,16 @@ cache key (adapter identity and per-token edit mask): two requests share a cache
 they would compute exactly the same KV for it. Only full prompt blocks are ever registered, so
 KV computed during decode is never reused as prompt KV (DESIGN §1).
 
-Freed blocks keep their hash and stay reusable until the block is handed out again (LRU).
+Freed blocks keep their hash and stay reusable until the block is handed out again. A new block is
+the lowest-numbered free block that holds no cached prefix; only when there is none is the least
+recently freed cached block evicted. Low ids first keeps the KV memory in use compact: pages of a
+lazily zeroed pool that were never handed out are never touched (``model_runner.lazy_zeros``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import pickle
 from collections import OrderedDict
 
@@ -30,7 +34,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # LRU order
+        self.free_uncached: list[int] = list(range(num_blocks))  # a heap: lowest block id first
+        self.free_cached: OrderedDict[int, None] = OrderedDict()  # free blocks holding a cached prefix, LRU first
         self.cached: dict[bytes, int] = {}  # hash -> block id
         self.hits = 0
         self.queries = 0
@@ -41,11 +46,11 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.free_uncached) + len(self.free_cached)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self.num_free_blocks
 
     def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         """New blocks ``seq`` needs to hold ``num_tokens`` tokens of KV."""
@@ -56,7 +61,10 @@ class BlockManager:
         return hashlib.blake2b(pickle.dumps((parent, content)), digest_size=16).digest()
 
     def _take_free(self) -> int:
-        block_id, _ = self.free.popitem(last=False)
+        if self.free_uncached:
+            block_id = heapq.heappop(self.free_uncached)
+        else:
+            block_id, _ = self.free_cached.popitem(last=False)  # evict the least recently freed cached prefix
         block = self.blocks[block_id]
         if block.hash is not None and self.cached.get(block.hash) == block_id:
             del self.cached[block.hash]
@@ -90,13 +98,13 @@ class BlockManager:
         cached_tokens = len(prefix) * self.block_size
         num_tokens = min(seq.num_tokens - cached_tokens, token_budget)
         needed = -(-(cached_tokens + num_tokens) // self.block_size) - len(prefix)
-        free_after_hits = len(self.free) - sum(1 for b in prefix if self.blocks[b].ref_count == 0)
+        free_after_hits = self.num_free_blocks - sum(1 for b in prefix if self.blocks[b].ref_count == 0)
         if needed > free_after_hits:
             return 0
         for block_id in prefix:
             block = self.blocks[block_id]
             if block.ref_count == 0:
-                del self.free[block_id]
+                del self.free_cached[block_id]
             block.ref_count += 1
         seq.block_table = prefix + [self._take_free() for _ in range(needed)]
         seq.num_computed_tokens = seq.num_cached_tokens = cached_tokens
@@ -104,7 +112,7 @@ class BlockManager:
         return num_tokens
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, seq.num_computed_tokens + num_tokens) <= len(self.free)
+        return self.blocks_needed(seq, seq.num_computed_tokens + num_tokens) <= self.num_free_blocks
 
     def append(self, seq: Sequence, num_tokens: int) -> None:
         """Grow ``seq``'s block table to hold ``num_tokens`` more tokens (check ``can_append`` first)."""
@@ -130,12 +138,15 @@ class BlockManager:
             parent = block.hash
 
     def free_sequence(self, seq: Sequence) -> None:
-        """Drop ``seq``'s references; blocks nobody uses go back to the free list (hash kept, newest last)."""
+        """Drop ``seq``'s references; blocks nobody uses become free (a cached prefix block keeps its hash, newest last)."""
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"
             if block.ref_count == 0:
-                self.free[block_id] = None
+                if block.hash is not None and self.cached.get(block.hash) == block_id:
+                    self.free_cached[block_id] = None
+                else:
+                    heapq.heappush(self.free_uncached, block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0

@@ -33,6 +33,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         use_cuda_graphs: bool = True,
+        kv_cache_memory_bytes: int | str | None = None,
     ):
         self.engine = LLMEngine(
             model_dir,
@@ -48,6 +49,7 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
             use_cuda_graphs=use_cuda_graphs,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
         )
         self.model_name = str(model_dir)
         self._ids = itertools.count()

@@ -7,7 +7,9 @@ Dataflow per step: scheduler -> model runner (model, then sampler) -> stop check
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -24,8 +26,27 @@ from preft.engine.scheduler import Scheduler
 from preft.engine.sequence import RequestOutput, Sequence
 from preft.errors import PreftError
 
+logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_KV_BUDGET_BYTES = 2 << 30  # default KV pool on CPU when num_kv_blocks is not given
+# Cap of the default CPU KV pool. The pool is lazily zeroed (pages become resident when first written)
+# and low block ids are reused first, so resident memory follows the KV in use, not this cap.
+CPU_KV_BUDGET_BYTES = 2 << 30
+MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_memory_size(size: int | str) -> int:
+    """Bytes from an int or a string such as ``"3000000000"``, ``"1.5GiB"``, ``"512MiB"``, ``"4GB"`` or ``"2G"``
+    (``Ki``/``Mi``/``Gi``/``Ti``: powers of 1024; ``K``/``M``/``G``/``T``: powers of 1000; a trailing ``B`` is optional)."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*", str(size).lower())
+        if match is None:
+            raise PreftError(f"memory size {size!r} is not a number of bytes like 3000000000, 512MiB, 1.5GiB or 4GB")
+        value = int(float(match.group(1)) * MEMORY_UNITS[match.group(2) or ""])
+    if value <= 0:
+        raise PreftError(f"memory size must be positive, got {size!r}")
+    return value
 
 
 def resolve_dtype(dtype: str | torch.dtype, config, device: torch.device) -> torch.dtype:
@@ -71,11 +92,13 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
         use_cuda_graphs: bool = True,
+        kv_cache_memory_bytes: int | str | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = load_config(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.config, self.device)
+        kv_budget = None if kv_cache_memory_bytes is None else parse_memory_size(kv_cache_memory_bytes)  # bad input fails before the load
         self.model = load_model(self.model_dir, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.config, self.tokenizer)
@@ -85,7 +108,7 @@ class LLMEngine:
         self.max_model_len = max_model_len or limit
         self.block_size = block_size
         if num_kv_blocks is None:
-            num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs)
+            num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs, kv_budget)
         self.adapters = AdapterManager(self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters)
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size)
@@ -97,9 +120,20 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
 
-    def _default_num_blocks(self, gpu_memory_utilization: float, max_num_seqs: int) -> int:
+    def _default_num_blocks(self, gpu_memory_utilization: float, max_num_seqs: int, kv_cache_memory_bytes: int | None) -> int:
+        """KV blocks: ``kv_cache_memory_bytes`` worth when given; on CUDA what ``gpu_memory_utilization`` leaves
+        free; on CPU room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped at ``CPU_KV_BUDGET_BYTES``."""
         per_block = kv_block_bytes(self.config, self.block_size, self.dtype)
-        wanted = max_num_seqs * -(-self.max_model_len // self.block_size)
+        per_seq = -(-self.max_model_len // self.block_size)
+        if kv_cache_memory_bytes is not None:
+            budget = kv_cache_memory_bytes
+            if budget // per_block < per_seq:
+                raise PreftError(
+                    f"kv_cache_memory_bytes={budget} holds {budget // per_block * self.block_size} tokens of KV "
+                    f"({per_block // self.block_size} bytes per token for this model in {str(self.dtype).removeprefix('torch.')}), "
+                    f"fewer than max_model_len={self.max_model_len}; raise it to at least {per_seq * per_block} or lower max_model_len"
+                )
+            return budget // per_block
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             budget = free - (1 - gpu_memory_utilization) * total
@@ -108,7 +142,14 @@ class LLMEngine:
                     f"only {free / 2**30:.1f} GiB GPU memory free: too little for a KV cache; lower the model size or raise gpu_memory_utilization"
                 )
             return int(budget // per_block)
-        return max(16, min(wanted, CPU_KV_BUDGET_BYTES // per_block))
+        blocks = max(1, min(max_num_seqs * per_seq, CPU_KV_BUDGET_BYTES // per_block))
+        if blocks < per_seq:
+            logger.warning(
+                "the default CPU KV pool (%d MiB) holds %d tokens, fewer than max_model_len=%d: longer requests stop with "
+                "finish_reason 'length'; set kv_cache_memory_bytes or lower max_model_len",
+                CPU_KV_BUDGET_BYTES >> 20, blocks * self.block_size, self.max_model_len,
+            )  # fmt: skip
+        return blocks
 
     # ---- adapters ----------------------------------------------------------------------------
 

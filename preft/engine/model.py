@@ -14,12 +14,13 @@ adapter code runs at all.
 from __future__ import annotations
 
 import json
+import math
+import mmap
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig
 
@@ -164,7 +165,8 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # No random init: weights come from the checkpoint (and initialising on the meta device imports torch._dynamo, ~1 s).
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -200,36 +202,70 @@ class CausalLM(nn.Module):
         return F.linear(hidden, weight).float()
 
 
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def map_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, tuple[torch.dtype, tuple[int, ...], int]]]:
+    """Map a safetensors file (copy-on-write, so tensors viewing it are writable but the file never changes);
+    returns the mapping and, per tensor, its dtype, shape and byte offset in the mapping."""
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        region = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise PreftError(f"weight {name!r} in {path.name} has dtype {info['dtype']}; preft reads {', '.join(SAFETENSORS_DTYPES)}")
+        entries[name] = (SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + header_len + info["data_offsets"][0])
+    return region, entries
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
-    """Build ``CausalLM`` from ``config.json`` and load its safetensors weights (single file or sharded index)."""
+    """Build ``CausalLM`` from ``config.json`` and load its safetensors weights (single file or sharded index).
+
+    Each weight is read once, straight into its final dtype and device: no full-model copy in the
+    file's dtype first. On CPU a weight already in the wanted dtype stays a view of the memory-mapped
+    file (never written): no copy at all, and its pages are read from the page cache when first used.
+    A weight that is converted drops its mapped pages as soon as it is, so peak memory stays near
+    the converted model's size.
+    """
     model_dir = Path(model_dir)
     config = load_config(model_dir)
+    device = torch.device(device)
     with torch.device("meta"):
         model = CausalLM(config)
-    model = model.to_empty(device=device)
-    model.inv_freq.copy_(rope_inv_freq(config)[0])
-    params = dict(model.named_parameters())
+    shapes = {name: p.shape for name, p in model.named_parameters()}
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
     if not (model_dir / files[0]).is_file():
         raise PreftError(f"no safetensors weights in {model_dir} (expected model.safetensors or model.safetensors.index.json)")
-    loaded = set()
-    with torch.no_grad():
-        for file in files:
-            with safe_open(str(model_dir / file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    if name not in params:
-                        continue  # e.g. a tied lm_head.weight saved anyway
-                    tensor = f.get_tensor(name)
-                    if tensor.shape != params[name].shape:
-                        raise PreftError(
-                            f"weight {name!r} in {file} has shape {tuple(tensor.shape)}, the config implies {tuple(params[name].shape)}"
-                        )
-                    params[name].copy_(tensor)
-                    loaded.add(name)
-    missing = sorted(set(params) - loaded)
+    page = mmap.PAGESIZE
+    state: dict[str, Tensor] = {}
+    for file in files:
+        region, entries = map_safetensors(model_dir / file)
+        for name, (file_dtype, shape, offset) in entries.items():
+            if name not in shapes:
+                continue  # e.g. a tied lm_head.weight saved anyway
+            if shape != tuple(shapes[name]):
+                raise PreftError(f"weight {name!r} in {file} has shape {shape}, the config implies {tuple(shapes[name])}")
+            numel = math.prod(shape)
+            mapped = torch.frombuffer(region, dtype=file_dtype, count=numel, offset=offset).view(shape) if numel else torch.empty(shape)
+            if file_dtype == dtype and device.type == "cpu":
+                state[name] = mapped
+                continue
+            state[name] = mapped.to(device=device, dtype=dtype)
+            first, last = -(-offset // page) * page, (offset + numel * mapped.element_size()) // page * page
+            if last > first and hasattr(mmap, "MADV_DONTNEED"):  # unmodified file pages: dropping them loses nothing
+                region.madvise(mmap.MADV_DONTNEED, first, last - first)
+    missing = sorted(set(shapes) - set(state))
     if missing:
         raise PreftError(f"{model_dir} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    model = model.to(dtype).eval()
-    model.inv_freq = model.inv_freq.float()  # RoPE frequencies stay float32 whatever the weights' dtype
-    return model
+    model.load_state_dict(state, strict=False, assign=True)  # inv_freq is not in the file (a non-persistent buffer)
+    model.requires_grad_(False)
+    model.inv_freq = model.inv_freq.to(device)  # RoPE frequencies stay float32 whatever the weights' dtype
+    return model.eval()

@@ -9,6 +9,8 @@ those with `all`-policy adapters alike.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +48,21 @@ def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * block_size * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A zero CPU tensor whose pages become resident only when first written.
+
+    ``torch.zeros`` writes every byte up front, so a KV pool would cost its full size in RSS (and
+    seconds of page faults) before the first request. An anonymous private mapping is zero by
+    contract and the kernel backs a page only when it is touched; the block manager hands out low
+    block ids first, so resident memory follows the KV actually used.
+    """
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0 or not hasattr(mmap, "MAP_PRIVATE"):
+        return torch.zeros(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps ``region`` alive
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, adapters: AdapterManager, num_blocks: int, block_size: int):
         config = model.config
@@ -57,9 +74,8 @@ class ModelRunner:
         kv_heads = config.num_key_value_heads or config.num_attention_heads
         dtype = next(model.parameters()).dtype
         # One block more than the block manager hands out: a scratch block for CUDA-graph padding rows.
-        self.kv_cache = torch.zeros(
-            2, config.num_hidden_layers, num_blocks + 1, block_size, kv_heads, head_dim, dtype=dtype, device=self.device
-        )
+        shape = (2, config.num_hidden_layers, num_blocks + 1, block_size, kv_heads, head_dim)
+        self.kv_cache = lazy_zeros(shape, dtype) if self.device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=self.device)
         self.num_blocks = num_blocks
         self.sampler = Sampler()
         self.sliding_window = sliding_window(config)

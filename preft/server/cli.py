@@ -48,7 +48,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     engine.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident on the device at once")
     engine.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory (LRU)")
-    engine.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: from --gpu-memory-utilization)")
+    engine.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-bytes)")
+    engine.add_argument(
+        "--kv-cache-memory-bytes",
+        default=None,
+        metavar="SIZE",
+        help="KV cache size, in bytes or with a unit (512MiB, 2GiB, 3GB); default on CPU: room for --max-num-seqs sequences of "
+        "--max-model-len tokens, at most 2 GiB (pages become resident only when used); on CUDA: from --gpu-memory-utilization",
+    )
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     engine.add_argument("--block-size", type=int, default=16)
     engine.add_argument("--max-num-seqs", type=int, default=64)
@@ -106,6 +113,7 @@ def build_state(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len,
         use_cuda_graphs=not args.enforce_eager,
+        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
     )
     model_name = args.served_model_name or default_name or args.model_dir
     for name, (path, policy) in adapters.items():
