@@ -14,7 +14,10 @@ KV_CACHE_MEMORY_HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model_dir", help="Hugging Face model directory (config.json, *.safetensors, tokenizer)")
+    parser.add_argument(
+        "model_dir",
+        help="Hugging Face model folder (config.json, *.safetensors, tokenizer), a .gguf file, or 'default' (SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH[:POLICY]", help="register an adapter (repeatable)")
     parser.add_argument(

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         default=None,
         metavar="MODEL_DIR",
-        help="Hugging Face model directory (default: the built-in model and its demo adapters)",
+        help="Hugging Face model folder or .gguf file (default: the built-in SmolLM2-135M-Instruct and its demo adapters)",
     )
     parser.add_argument(
         "--adapter",
