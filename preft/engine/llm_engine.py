@@ -25,6 +25,7 @@ from preft.engine.sampler import SamplingParams, make_generator
 from preft.engine.scheduler import Scheduler
 from preft.engine.sequence import RequestOutput, Sequence
 from preft.errors import PreftError
+from preft.models import resolve_model
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -94,7 +95,7 @@ class LLMEngine:
         use_cuda_graphs: bool = True,
         kv_cache_memory_bytes: int | str | None = None,
     ):
-        self.model_dir = Path(model_dir)
+        self.model_dir = resolve_model(model_dir)  # a folder, a .gguf file (converted once) or "default"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = load_config(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.config, self.device)
