@@ -5,18 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from server_helpers import ADAPTERS
 from transformers import AutoConfig
 
 from preft.adapters import LoraConfig, ReftConfig, save_adapter
 from preft.tiny import build_tiny_checkpoint, random_adapter
-
-# name -> adapter config; each kind under both policies the server must serve
-ADAPTERS = {
-    "lora-p": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], policy="prefill"),
-    "lora-a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], policy="all"),
-    "direft-p": ReftConfig(kind="direft", r=2, policy="prefill"),
-    "loreft-a": ReftConfig(kind="loreft", r=2, policy="all"),
-}
 
 
 @pytest.fixture(scope="session")

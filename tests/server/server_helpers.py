@@ -9,8 +9,17 @@ from pathlib import Path
 
 import uvicorn
 
+from preft.adapters import LoraConfig, ReftConfig
 from preft.server.app import ServerState, create_app
 from preft.server.engine_loop import EngineLoop
+
+# name -> adapter config; each kind under both policies the server must serve
+ADAPTERS = {
+    "lora-p": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], policy="prefill"),
+    "lora-a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], policy="all"),
+    "direft-p": ReftConfig(kind="direft", r=2, policy="prefill"),
+    "loreft-a": ReftConfig(kind="loreft", r=2, policy="all"),
+}
 
 
 def free_port() -> int:

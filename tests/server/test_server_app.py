@@ -12,8 +12,7 @@ import shutil
 import httpx
 import openai
 import pytest
-from conftest import ADAPTERS
-from server_helpers import ServerThread, wait_until
+from server_helpers import ADAPTERS, ServerThread, wait_until
 
 from preft.engine import LLM, SamplingParams
 
