@@ -28,14 +28,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import preft
 from preft.errors import PreftError
 from preft.server.engine_loop import EngineLoop, RequestFailed, RequestUpdate
 from preft.server.protocol import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     LoadAdapterRequest,
     ModelNotFound,
+    TokenizeRequest,
     UnloadAdapterRequest,
     error_body,
     sampling_params,
@@ -56,6 +59,7 @@ class ServerState:
     api_key: str | None = None
     adapter_root: Path | None = None
     created: int = 0
+    max_lora_rank: int | None = None  # --max-lora-rank: runtime loads above it are refused
 
     def adapter_for(self, model: str) -> str | None:
         """``None`` for the base model, else the adapter name (checked again on the engine thread)."""
@@ -406,6 +410,27 @@ class Routes:
             content.append({**entry(token_id, lp.get(token_id)), "top_logprobs": [entry(k, v) for k, v in best]})
         return {"content": content}
 
+    # ---- /tokenize, /detokenize (vLLM) -------------------------------------------------------
+
+    def tokenize(self, body: TokenizeRequest) -> dict:
+        body.check()
+        if body.model is not None:
+            self.state.adapter_for(body.model)  # 404 for an unknown model, as the /v1 routes
+        if body.messages is not None:
+            tokens = self.chat_prompt(body)
+        else:
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": self.state.max_model_len, "tokens": tokens}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict:
+        if body.model is not None:
+            self.state.adapter_for(body.model)
+        vocab = len(self.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside this tokenizer's vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
+
     # ---- models and adapters -----------------------------------------------------------------
 
     def models(self) -> dict:
@@ -439,6 +464,13 @@ class Routes:
         if name == self.state.model_name:
             raise APIError(400, f"adapter name {name!r} is the base model's name; choose another", param="lora_name")
         resolved = self.state.resolve_adapter_path(path)
+        if self.state.max_lora_rank is not None:
+            from preft.server.cli import check_adapter_rank
+
+            try:
+                await asyncio.to_thread(check_adapter_rank, name, resolved, body.policy, self.state.max_lora_rank)
+            except ValueError as e:
+                raise APIError(400, str(e), param="lora_path") from None
         info = await self.loop.load_adapter(name, resolved, body.policy)
         return {
             "object": "adapter",
@@ -531,6 +563,18 @@ def create_app(state: ServerState) -> FastAPI:
     @app.post("/v1/unload_reft_adapter", dependencies=v1)
     async def unload_adapter(body: UnloadAdapterRequest) -> dict:
         return await routes.unload_adapter(body)
+
+    @app.post("/tokenize", dependencies=v1)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        return routes.tokenize(body)
+
+    @app.post("/detokenize", dependencies=v1)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        return routes.detokenize(body)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": preft.__version__}
 
     @app.get("/health")
     async def health() -> JSONResponse:

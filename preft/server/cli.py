@@ -7,6 +7,7 @@ need FastAPI, uvicorn or torch to start.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -31,12 +32,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=PATH[:POLICY]",
         help="adapter to serve as model NAME; POLICY 'prefill' or 'all' overrides the recorded one (repeatable)",
     )
+    lora = parser.add_argument_group("vLLM LoRA flags (docs/server.md: vLLM flag -> preft)")
+    lora.add_argument("--enable-lora", action="store_true", help="accepted for vLLM compatibility: preft always serves adapters")
+    lora.add_argument(
+        "--lora-modules",
+        nargs="+",
+        action="extend",
+        type=parse_lora_module,
+        default=[],
+        metavar="MODULE",
+        help='vLLM\'s form of --adapter (give MODEL_DIR before it): each MODULE is NAME=PATH[:POLICY] or \'{"name": ..., "path": ..., "base_model_name": ..., "policy": ...}\'',
+    )
+    lora.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse adapters of rank above N, at start and on runtime loads (default: no limit)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="seed torch's global RNG at start (requests' own 'seed' still wins)")
+    parser.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N", help="accepted for vLLM compatibility; only 1 is implemented"
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--api-key",
         default=os.environ.get("PREFT_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PREFT_API_KEY)",
+        help="require 'Authorization: Bearer KEY' on /v1 routes, /tokenize and /detokenize (default: $PREFT_API_KEY)",
     )
     parser.add_argument(
         "--adapter-root", type=Path, default=None, help="directory runtime adapter loads may read from (default: runtime loading disabled)"
@@ -46,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     engine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    engine.add_argument("--max-adapter-slots", type=int, default=8, help="adapters resident on the device at once")
-    engine.add_argument("--max-cpu-adapters", type=int, default=64, help="adapters kept in host memory (LRU)")
+    engine.add_argument("--max-adapter-slots", "--max-loras", type=int, default=8, help="adapters resident on the device at once")
+    engine.add_argument("--max-cpu-adapters", "--max-cpu-loras", type=int, default=64, help="adapters kept in host memory (LRU)")
     engine.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-bytes)")
     engine.add_argument(
         "--kv-cache-memory-bytes",
@@ -61,7 +84,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-seqs", type=int, default=64)
     engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
     engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--no-prefix-caching", action="store_true")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="(default: on)")
+    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="= --no-enable-prefix-caching")
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM's flag name)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -78,6 +102,46 @@ def parse_adapter_flag(flag: str) -> tuple[str, str, str | None]:
     return name, path, policy
 
 
+def parse_lora_module(item: str) -> tuple[str, str, str | None]:
+    """vLLM's ``--lora-modules`` item, ``NAME=PATH[:POLICY]`` or its JSON form -> (name, path, policy or None)."""
+    try:
+        if not item.lstrip().startswith("{"):
+            return parse_adapter_flag(item)
+        try:
+            module = json.loads(item)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--lora-modules {item!r} is not valid JSON: {e}") from None
+        if not isinstance(module, dict) or not isinstance(module.get("name"), str) or not isinstance(module.get("path"), str):
+            raise ValueError(f'--lora-modules {item!r} must be a JSON object with string "name" and "path"')
+        unknown = set(module) - {"name", "path", "base_model_name", "policy"}
+        if unknown:
+            raise ValueError(f"--lora-modules {item!r} has unknown key(s) {sorted(unknown)}; allowed: name, path, base_model_name, policy")
+        policy = module.get("policy")
+        if policy not in (None, "prefill", "all"):
+            raise ValueError(f"--lora-modules {item!r}: policy must be 'prefill' or 'all', got {policy!r}")
+        return module["name"], module["path"], policy
+    except ValueError as e:  # argparse shows an ArgumentTypeError's message, a ValueError's only as 'invalid value'
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_adapter_rank(name: str, path: str, policy: str | None, max_rank: int | None, flag: str = "--max-lora-rank") -> None:
+    """Raise ``ValueError`` if the adapter at ``path`` has a rank above ``max_rank`` (``None``: no limit).
+
+    An adapter that cannot be read passes: loading it reports that error in its own words.
+    """
+    if max_rank is None:
+        return
+    from preft.adapters import load_adapter
+    from preft.errors import PreftError
+
+    try:
+        rank = load_adapter(path, policy=policy).config.r
+    except (PreftError, OSError):
+        return
+    if rank > max_rank:
+        raise ValueError(f"adapter {name!r} has rank {rank} > {flag} {max_rank}")
+
+
 def build_state(args: argparse.Namespace):
     """Load the model and startup adapters; return the ``ServerState`` (engine thread started)."""
     from preft.engine import LLM
@@ -85,6 +149,8 @@ def build_state(args: argparse.Namespace):
     from preft.server.default_model import default_model
     from preft.server.engine_loop import EngineLoop
 
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"tensor parallel is not implemented yet; --tensor-parallel-size must be 1, got {args.tensor_parallel_size}")
     adapters: dict[str, tuple[str, str | None]] = {}
     default_name = None
     if args.model_dir is None:
@@ -98,6 +164,14 @@ def build_state(args: argparse.Namespace):
     for flag in args.adapter:
         name, path, policy = parse_adapter_flag(flag)
         adapters[name] = (path, policy)
+    for name, path, policy in args.lora_modules:
+        adapters[name] = (path, policy)
+    for name, (path, policy) in adapters.items():  # before the model loads: a refused adapter should fail fast
+        check_adapter_rank(name, path, policy, args.max_lora_rank)
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
 
     llm = LLM(
         str(model_dir),
@@ -110,7 +184,7 @@ def build_state(args: argparse.Namespace):
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_model_len=args.max_model_len,
         use_cuda_graphs=not args.enforce_eager,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
@@ -131,6 +205,7 @@ def build_state(args: argparse.Namespace):
         model_dir=str(model_dir),
         api_key=args.api_key,
         adapter_root=args.adapter_root,
+        max_lora_rank=args.max_lora_rank,
     )
     return state
 

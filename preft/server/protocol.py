@@ -163,6 +163,28 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False  # vLLM extra
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize`` body: a ``prompt``, or chat ``messages`` rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = True  # for ``prompt``; a chat template holds its own special tokens
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``/detokenize`` body."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
 class LoadAdapterRequest(BaseModel):
     """vLLM's ``/v1/load_lora_adapter`` body; ``reft_name``/``reft_path`` for the ReFT endpoint; ``policy`` is preft's."""
 
