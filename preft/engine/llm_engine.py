@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 from preft.adapters import Adapter
 from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, AdapterManager
 from preft.engine.block_manager import BlockManager
+from preft.engine.guided import GuidedDecoding
 from preft.engine.model import load_config, load_model
 from preft.engine.model_runner import ModelRunner, kv_block_bytes
 from preft.engine.sampler import SamplingParams, make_generator
@@ -103,6 +104,7 @@ class LLMEngine:
         self.model = load_model(self.model_dir, self.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.config, self.tokenizer)
+        self.guided = GuidedDecoding(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
         limit = getattr(self.config, "max_position_embeddings", None) or max_model_len or 4096
         if max_model_len is not None and max_model_len > limit:
             raise PreftError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {limit}")
@@ -113,6 +115,7 @@ class LLMEngine:
         self.adapters = AdapterManager(self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters)
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size)
+        self.runner.guided = self.guided
         self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
         # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
         self.use_cuda_graphs = use_cuda_graphs and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
@@ -206,6 +209,9 @@ class LLMEngine:
         for index in range(params.n):
             seed = None if params.seed is None else params.seed + index
             seqs.append(Sequence(request_id, token_ids, params, ref, index, make_generator(seed, self.device)))
+        if params.structured is not None:  # compiled here once per distinct grammar (cached), never per step
+            for seq in seqs:
+                seq.guide = self.guided.matcher(params.structured)
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -258,6 +264,8 @@ class LLMEngine:
             reason = "stop"
         elif len(seq.completion_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        if seq.guide is not None and self.guided.accept(seq, token_id) and reason is None:
+            reason = "stop"  # the grammar is complete
         searched = len(seq.text)
         detokenize(self.tokenizer, seq, flush=reason is not None)
         if params.stop:

@@ -19,6 +19,7 @@ from torch import Tensor
 from preft.engine.adapter_manager import AdapterManager
 from preft.engine.attention import AttentionMetadata, build_metadata, decode_kernel_usable
 from preft.engine.cuda_graphs import DecodeGraphs
+from preft.engine.guided import GuidedDecoding
 from preft.engine.model import CausalLM, sliding_window
 from preft.engine.sampler import Sampler
 from preft.engine.sequence import Sequence
@@ -78,6 +79,7 @@ class ModelRunner:
         self.kv_cache = lazy_zeros(shape, dtype) if self.device.type == "cpu" else torch.zeros(shape, dtype=dtype, device=self.device)
         self.num_blocks = num_blocks
         self.sampler = Sampler()
+        self.guided: GuidedDecoding | None = None  # set by the engine: structured-output bitmasks
         self.sliding_window = sliding_window(config)
         self.graphs: DecodeGraphs | None = None
         self.decode_kernel = decode_kernel_usable(self.device, block_size)
@@ -151,4 +153,6 @@ class ModelRunner:
         if not logits_rows:
             return []
         logits = self.model.logits(hidden[self._tensor(logits_rows)])
-        return self.sampler(logits, [item.seq for item in batch if item.samples])
+        seqs = [item.seq for item in batch if item.samples]
+        token_bitmask = self.guided.bitmask(seqs) if self.guided is not None else None  # structured outputs
+        return self.sampler(logits, seqs, token_bitmask)

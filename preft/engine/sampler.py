@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from preft.engine.guided import apply_token_bitmask, check_spec
 from preft.engine.sequence import Sequence
 from preft.errors import PreftError
 from preft.hf.generate import sample_next
@@ -29,6 +30,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # number of top logprobs per generated token (plus the sampled token's)
+    # structured output: {"json": schema | None} | {"regex": str} | {"choice": [str]} | {"grammar": ebnf} (preft.engine.guided)
+    structured: dict | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,20 +50,26 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise PreftError(message)
+        if self.structured is not None:
+            check_spec(self.structured)
 
 
 class Sampler:
     """Picks each sequence's next token from its logits row."""
 
-    def __call__(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
-        """``logits [B, V]`` (float32) for ``seqs`` -> next token ids; also appends logprobs where asked."""
+    def __call__(self, logits: Tensor, seqs: list[Sequence], token_bitmask: Tensor | None = None) -> list[int]:
+        """``logits [B, V]`` (float32) for ``seqs`` -> next token ids; also appends logprobs where asked.
+
+        ``token_bitmask`` int32 ``[B, ceil(V / 32)]`` (structured outputs, ``preft.engine.guided``): only
+        tokens whose bit is set can be sampled; logprobs stay the model's own."""
+        allowed = logits if token_bitmask is None else apply_token_bitmask(logits, token_bitmask)
         greedy = [s.params.temperature == 0 for s in seqs]
-        tokens = logits.argmax(-1) if any(greedy) else None
+        tokens = allowed.argmax(-1) if any(greedy) else None
         next_ids = tokens.tolist() if tokens is not None else [0] * len(seqs)
         for i, seq in enumerate(seqs):
             if not greedy[i]:
                 p = seq.params
-                next_ids[i] = int(sample_next(logits[i : i + 1], p.temperature, p.top_p, p.top_k, seq.generator)[0])
+                next_ids[i] = int(sample_next(allowed[i : i + 1], p.temperature, p.top_p, p.top_k, seq.generator)[0])
         for i, seq in enumerate(seqs):
             if seq.logprobs is not None:
                 seq.logprobs.append(top_logprobs(logits[i], next_ids[i], seq.params.logprobs))

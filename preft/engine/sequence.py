@@ -90,6 +90,7 @@ class Sequence:
         self.slot: int | None = None  # device adapter slot held, if any
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.guide = None  # structured output: this sequence's grammar matcher (preft.engine.guided), if any
         self.text = ""  # decoded output, stop string cut when finished
         self.prefix_offset = self.read_offset = 0  # incremental detokenisation window over the completion tokens
         self.new_token_ids: list[int] = []  # since the last RequestOutput
