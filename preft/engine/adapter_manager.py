@@ -34,6 +34,10 @@ class UnknownAdapterError(PreftError):
     """A request or call names an adapter that is not registered."""
 
 
+class AdapterChangedError(PreftError):
+    """An adapter evicted from the host cache cannot be re-read as it was added (files changed or deleted)."""
+
+
 class AdapterInUseError(PreftError):
     """An adapter cannot be removed while requests use it."""
 
@@ -192,9 +196,12 @@ class AdapterManager:
             self.host.move_to_end(name)
             return self.host[name]
         self.cpu_misses += 1
-        adapter = load_adapter(entry.info.path, policy=entry.info.policy, model_config=self.model_config).to("cpu", self.dtype)
+        try:
+            adapter = load_adapter(entry.info.path, policy=entry.info.policy, model_config=self.model_config).to("cpu", self.dtype)
+        except (PreftError, OSError) as e:
+            raise AdapterChangedError(f"adapter {name!r} can no longer be read from disk ({type(e).__name__}); add it again") from e
         if adapter.content_hash() != entry.ref.content_hash:
-            raise PreftError(f"adapter {name!r} changed on disk at {entry.info.path} since it was added; add it again")
+            raise AdapterChangedError(f"adapter {name!r} changed on disk since it was added; add it again")
         self._host_put(name, adapter)
         return adapter
 
@@ -217,7 +224,11 @@ class AdapterManager:
                 self._clear_slot(slot)
             else:
                 return None
-            self._load_slot(slot, name)
+            try:
+                self._load_slot(slot, name)
+            except Exception:
+                self._clear_slot(slot)  # a half-written slot must not leak factors into its next adapter
+                raise
         self.idle.pop(slot, None)
         self.slot_refs[slot] += 1
         return slot

@@ -137,6 +137,19 @@ class BlockManager:
                 self.cached.setdefault(h, block.block_id)
             parent = block.hash
 
+    def unpublish_private(self, seq: Sequence) -> list[int]:
+        """Withdraw from the prefix cache the blocks that only ``seq`` holds and return their ids.
+
+        For a sequence that failed: the KV it wrote may hold NaN or garbage, so it must be neither reused
+        as a prefix nor left for the next owner of the block (the engine zeroes it)."""
+        private = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
+        for block_id in private:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) == block_id:
+                del self.cached[block.hash]
+            block.hash, block.content = None, None
+        return private
+
     def free_sequence(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; blocks nobody uses become free (a cached prefix block keeps its hash, newest last)."""
         for block_id in reversed(seq.block_table):

@@ -21,7 +21,7 @@ from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, Adapter
 from preft.engine.block_manager import BlockManager
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import load_config, load_model
-from preft.engine.model_runner import ModelRunner, kv_block_bytes
+from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, ScheduledSeq, kv_block_bytes
 from preft.engine.sampler import SamplingParams, make_generator
 from preft.engine.scheduler import Scheduler
 from preft.engine.sequence import RequestOutput, Sequence
@@ -120,6 +120,7 @@ class LLMEngine:
         # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
         self.use_cuda_graphs = use_cuda_graphs and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
+        self.errors: dict[str, str] = {}  # request id -> why it failed in this step (see _run_isolated)
         self.pending_removal: set[str] = set()
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -225,6 +226,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         out = self._request_output(request_id)
         del self.requests[request_id]
+        self.errors.pop(request_id, None)
         self._remove_pending_adapters()
         return out
 
@@ -238,8 +240,12 @@ class LLMEngine:
         for seq in out_of_room:
             self.scheduler.finish(seq, "length")
             touched[seq.request_id] = None
+        for seq, error in self.scheduler.take_failed():  # its adapter could not be put in a device slot
+            touched[seq.request_id] = None
+            self._fail_request(seq.request_id, error)
+        batch = [item for item in batch if not item.seq.is_finished]
         if batch:
-            next_ids = self.runner.run(batch)
+            batch, next_ids = self._run_isolated(batch)
             sampled = [item.seq for item in batch if item.samples]
             self.scheduler.postprocess(batch)
             self.prompt_tokens += sum(
@@ -248,12 +254,62 @@ class LLMEngine:
             for seq, token_id in zip(sampled, next_ids):
                 self._append(seq, token_id)
                 touched[seq.request_id] = None
+        touched.update(dict.fromkeys(self.errors))
         outputs = [self._request_output(rid) for rid in touched if rid in self.requests]
         for out in outputs:
+            out.error = self.errors.pop(out.request_id, None)
             if out.finished:
                 del self.requests[out.request_id]
         self._remove_pending_adapters()
         return outputs
+
+    def _run_isolated(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[int]]:
+        """Run the step; if it fails, run each request's share alone, so that only the requests that fail
+        alone end (with finish_reason ``"error"``) and every other request gets exactly its tokens (DESIGN §6).
+
+        A rerun recomputes the same KV positions (idempotent); seeded generators and logprobs are rewound
+        first, so a rerun request samples what it would have sampled.
+        """
+        rewind = [(item.seq, item.seq.generator.get_state() if item.seq.generator is not None else None) for item in batch]
+        rewind = [(seq, state, len(seq.logprobs) if seq.logprobs is not None else 0) for seq, state in rewind]
+        try:
+            return batch, self.runner.run(batch)
+        except Exception as e:
+            by_request: dict[str, list[ScheduledSeq]] = {}
+            for item in batch:
+                by_request.setdefault(item.seq.request_id, []).append(item)
+            if len(by_request) == 1:
+                self._fail_request(batch[0].seq.request_id, _describe(e, batch[0].seq))
+                return [], []
+            logger.warning("a step of %d requests failed (%s); running each alone to isolate it", len(by_request), e)
+        kept, next_ids = [], []
+        for request_id, items in by_request.items():
+            for seq, state, num_logprobs in rewind:
+                if seq.request_id == request_id:
+                    if state is not None:
+                        seq.generator.set_state(state)
+                    if seq.logprobs is not None:
+                        del seq.logprobs[num_logprobs:]
+            try:
+                ids = self.runner.run(items)
+            except Exception as e:
+                self._fail_request(request_id, _describe(e, items[0].seq))
+                continue
+            kept += items
+            next_ids += ids
+        return kept, next_ids
+
+    def _fail_request(self, request_id: str, error: str) -> None:
+        """End every sequence of ``request_id`` with finish_reason ``"error"``; its output carries ``error``."""
+        if request_id not in self.requests:
+            return
+        logger.warning("request %r failed: %s", request_id, error)
+        for seq in self.requests[request_id]:
+            private = self.block_manager.unpublish_private(seq)
+            if private:  # its KV may be NaN: attention over the block's unused rows would poison the block's next owner
+                self.runner.kv_cache[:, :, private] = 0
+            self.scheduler.finish(seq, "error")
+        self.errors.setdefault(request_id, error)
 
     def _append(self, seq: Sequence, token_id: int) -> None:
         seq.append_token(token_id)
@@ -313,6 +369,16 @@ class LLMEngine:
             prefix_cache_hits=self.block_manager.hits,
             prefix_cache_queries=self.block_manager.queries,
         )
+
+
+def _describe(error: Exception, seq: Sequence) -> str:
+    """What the client of a failed request is told: the cause, in words (never a traceback or a host path)."""
+    if isinstance(error, NonFiniteLogitsError):
+        blame = f"; its adapter {seq.adapter.name!r} may be broken" if seq.adapter is not None else ""
+        return f"the model produced non-finite logits (NaN or inf) for this request{blame}"
+    if isinstance(error, PreftError):
+        return str(error)
+    return f"computing this request failed ({type(error).__name__})"
 
 
 def detokenize(tokenizer, seq: Sequence, flush: bool = False) -> None:

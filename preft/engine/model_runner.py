@@ -25,6 +25,14 @@ from preft.engine.sampler import Sampler
 from preft.engine.sequence import Sequence
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """Some sequences' logits hold NaN or inf (e.g. a broken adapter); the engine fails only their requests."""
+
+    def __init__(self, seqs: list[Sequence]):
+        super().__init__(f"non-finite logits for request(s) {sorted({s.request_id for s in seqs})}")
+        self.seqs = seqs
+
+
 @dataclass
 class ScheduledSeq:
     """One sequence's share of a step: tokens ``start .. start + num_new_tokens`` get their KV computed."""
@@ -154,5 +162,8 @@ class ModelRunner:
             return []
         logits = self.model.logits(hidden[self._tensor(logits_rows)])
         seqs = [item.seq for item in batch if item.samples]
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):  # greedy argmax would silently pick garbage; sampling would raise mid-batch
+            raise NonFiniteLogitsError([seq for seq, ok in zip(seqs, finite.tolist()) if not ok])
         token_bitmask = self.guided.bitmask(seqs) if self.guided is not None else None  # structured outputs
         return self.sampler(logits, seqs, token_bitmask)

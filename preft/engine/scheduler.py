@@ -19,6 +19,7 @@ from preft.engine.adapter_manager import AdapterManager
 from preft.engine.block_manager import BlockManager
 from preft.engine.model_runner import ScheduledSeq
 from preft.engine.sequence import Sequence, SequenceStatus
+from preft.errors import PreftError
 
 
 class Scheduler:
@@ -30,6 +31,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.failed: list[tuple[Sequence, str]] = []  # sequences whose adapter could not be loaded into a slot, and why
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -71,7 +73,11 @@ class Scheduler:
             if seq.adapter is not None:
                 if waiting_for_slot:
                     continue  # later adapter requests queue behind the first one that waits for a slot
-                seq.slot = self.adapters.acquire(seq.adapter.name)
+                try:
+                    seq.slot = self.adapters.acquire(seq.adapter.name)
+                except PreftError as e:  # e.g. its files changed on disk: only this request fails (the engine ends it)
+                    self.failed.append((seq, str(e)))
+                    continue
                 if seq.slot is None:
                     waiting_for_slot = True  # it keeps its place; base requests behind it may still start
                     continue
@@ -87,6 +93,11 @@ class Scheduler:
             batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             budget -= n
         return batch, out_of_room
+
+    def take_failed(self) -> list[tuple[Sequence, str]]:
+        """The sequences that could not start since the last call, and why (the engine fails their requests)."""
+        failed, self.failed = self.failed, []
+        return failed
 
     def postprocess(self, batch: list[ScheduledSeq]) -> None:
         """Record the computed KV, publish full prompt blocks, release prefill adapters whose prompt is done."""

@@ -58,6 +58,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict = field(default_factory=dict)
+    error: str | None = None  # why the request failed (its completions finish with reason "error"), else None
 
 
 _seq_counter = itertools.count()

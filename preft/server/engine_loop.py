@@ -219,6 +219,12 @@ class EngineLoop:
             stream = self._streams.get(output.request_id)
             if stream is None:  # aborted after the engine scheduled it
                 continue
+            error = getattr(output, "error", None)
+            if error is not None:  # this request alone failed; the engine keeps stepping for the others
+                self.metrics.request_finished("error")
+                stream.deliver(RequestFailed(output.request_id, APIError(500, f"the request failed: {error}", code="request_failed")))
+                self._forget(stream)
+                continue
             update = _snapshot(output)
             n = sum(len(c.token_ids) for c in update.outputs)
             if n > stream.num_tokens:
