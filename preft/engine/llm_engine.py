@@ -22,7 +22,7 @@ from preft.engine.block_manager import BlockManager
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import load_config, load_model
 from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, ScheduledSeq, kv_block_bytes
-from preft.engine.sampler import SamplingParams, make_generator
+from preft.engine.sampler import SamplingParams, request_seed
 from preft.engine.scheduler import Scheduler
 from preft.engine.sequence import RequestOutput, Sequence
 from preft.errors import PreftError
@@ -206,10 +206,13 @@ class LLMEngine:
             if adapter in self.pending_removal:
                 raise PreftError(f"adapter {adapter!r} is being removed; it takes no new requests")
             ref = self.adapters.get(adapter).ref
-        seqs = []
-        for index in range(params.n):
-            seed = None if params.seed is None else params.seed + index
-            seqs.append(Sequence(request_id, token_ids, params, ref, index, make_generator(seed, self.device)))
+        params.check_vocab(vocab)
+        seed = request_seed(params.seed)  # unseeded: a random seed now; completion i samples with seed + i
+        seqs = [Sequence(request_id, token_ids, params, ref, index, seed + index) for index in range(params.n)]
+        if params.min_tokens:  # the sampler keeps these from being sampled until min_tokens tokens exist
+            stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            for seq in seqs:
+                seq.min_tokens_stop_ids = tuple(sorted(stop_ids))
         if params.structured is not None:  # compiled here once per distinct grammar (cached), never per step
             for seq in seqs:
                 seq.guide = self.guided.matcher(params.structured)
@@ -267,11 +270,10 @@ class LLMEngine:
         """Run the step; if it fails, run each request's share alone, so that only the requests that fail
         alone end (with finish_reason ``"error"``) and every other request gets exactly its tokens (DESIGN §6).
 
-        A rerun recomputes the same KV positions (idempotent); seeded generators and logprobs are rewound
-        first, so a rerun request samples what it would have sampled.
+        A rerun recomputes the same KV positions (idempotent) and draws the same random numbers (they are a
+        function of seed and position); logprobs are rewound first, so a rerun request samples what it would have sampled.
         """
-        rewind = [(item.seq, item.seq.generator.get_state() if item.seq.generator is not None else None) for item in batch]
-        rewind = [(seq, state, len(seq.logprobs) if seq.logprobs is not None else 0) for seq, state in rewind]
+        rewind = [(item.seq, len(item.seq.logprobs) if item.seq.logprobs is not None else 0) for item in batch]
         try:
             return batch, self.runner.run(batch)
         except Exception as e:
@@ -284,12 +286,9 @@ class LLMEngine:
             logger.warning("a step of %d requests failed (%s); running each alone to isolate it", len(by_request), e)
         kept, next_ids = [], []
         for request_id, items in by_request.items():
-            for seq, state, num_logprobs in rewind:
-                if seq.request_id == request_id:
-                    if state is not None:
-                        seq.generator.set_state(state)
-                    if seq.logprobs is not None:
-                        del seq.logprobs[num_logprobs:]
+            for seq, num_logprobs in rewind:
+                if seq.request_id == request_id and seq.logprobs is not None:
+                    del seq.logprobs[num_logprobs:]
             try:
                 ids = self.runner.run(items)
             except Exception as e:

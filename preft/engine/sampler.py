@@ -1,13 +1,28 @@
 """Sampling parameters and the sampler: logits of the last position -> next token (+ logprobs).
 
-The distribution maths (temperature, top-k, top-p) is ``preft.hf.sample_next``, shared with the
-reference generator; each request with a ``seed`` owns a ``torch.Generator``, so its samples do
-not depend on which other requests share the batch.
+One step, vectorised over the batch: the per-row knobs become tensors, no tensor work is done per
+row, and the sampled ids (with the logprobs, when asked) come to the host in one copy. In order:
+
+1. ``token_bitmask`` (structured outputs) sets the tokens a grammar forbids to -inf;
+2. logit processors, each only when some row of the batch uses it: ``min_tokens`` (EOS and
+   ``stop_token_ids`` at -inf until that many tokens exist), ``logit_bias``, then the repetition
+   (prompt + output tokens), frequency and presence (output tokens) penalties, as in vLLM;
+3. ``preft.hf.sample_next``, the sampling maths shared with the reference generator: greedy rows
+   argmax, the others draw from ``softmax(logits / T)`` after min-p, top-k and top-p. A draw is a pure
+   function of the request's seed, its completion index and the token position (a counter-based
+   stream), so a seeded request samples the same tokens whichever requests share its batch, and a
+   rerun (preemption, fault isolation) samples them again. Unseeded requests get a random seed when added.
+
+Log-probabilities are the model's own: ``log_softmax`` of the logits before any of the above.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -15,7 +30,7 @@ from torch import Tensor
 from preft.engine.guided import apply_token_bitmask, check_spec
 from preft.engine.sequence import Sequence
 from preft.errors import PreftError
-from preft.hf.generate import sample_next
+from preft.hf.generate import random_seeds, sample_next
 
 
 @dataclass
@@ -23,8 +38,14 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # keep tokens with p >= min_p * p_max (0: off)
+    presence_penalty: float = 0.0  # [-2, 2], subtracted from tokens the output already holds
+    frequency_penalty: float = 0.0  # [-2, 2], times how often the output holds the token
+    repetition_penalty: float = 1.0  # > 0; tokens of prompt or output: logit / p if positive, logit * p if not
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
+    seed: int | None = None  # completion i of the request samples with seed + i
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -38,11 +59,22 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        try:
+            self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        except (TypeError, ValueError):
+            raise PreftError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}") from None
+        bad_bias = {k: v for k, v in self.logit_bias.items() if not -100 <= v <= 100}
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (not bad_bias, f"logit_bias values must be in [-100, 100], got {bad_bias}"),
+            (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}"),
@@ -53,39 +85,158 @@ class SamplingParams:
         if self.structured is not None:
             check_spec(self.structured)
 
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ``PreftError`` if a ``logit_bias`` token id lies outside the model's vocabulary."""
+        outside = sorted(t for t in self.logit_bias if not 0 <= t < vocab_size)
+        if outside:
+            raise PreftError(f"logit_bias token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})")
+
+
+class SamplingError(PreftError):
+    """No token can be drawn for some rows: their probabilities are not finite, or every token is excluded."""
+
 
 class Sampler:
-    """Picks each sequence's next token from its logits row."""
+    """Picks each sequence's next token from its logits row (see the module doc for the order of operations).
+
+    ``token_bitmask`` is the structured-output hook: an int32 tensor ``[B, ceil(V / 32)]`` in xgrammar's
+    layout (bit ``j`` of word ``w`` set: token ``32 * w + j`` allowed), one row per sequence; a row of all
+    ones (-1) leaves its sequence unconstrained. It is applied first, so no processor, penalty or filter
+    can bring a forbidden token back; logprobs are still the model's own.
+    """
 
     def __call__(self, logits: Tensor, seqs: list[Sequence], token_bitmask: Tensor | None = None) -> list[int]:
-        """``logits [B, V]`` (float32) for ``seqs`` -> next token ids; also appends logprobs where asked.
+        """``logits [B, V]`` for ``seqs`` -> next token ids; appends to ``seq.logprobs`` where asked."""
+        raw = logits.float()
+        logits = raw if token_bitmask is None else apply_token_bitmask(raw, token_bitmask)
+        params = [s.params for s in seqs]
+        steps = [s.num_tokens - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the draw's counter
+        logits = apply_min_tokens(logits, seqs, steps)
+        logits = apply_logit_bias(logits, params)
+        logits = apply_penalties(logits, seqs)
+        next_ids = sample_next(
+            logits,
+            [p.temperature for p in params],
+            [p.top_p for p in params],
+            [p.top_k for p in params],
+            [p.min_p for p in params],
+            [s.seed for s in seqs],
+            steps,
+        )
+        asked = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        if not asked:
+            ids = next_ids.tolist()
+            check_drawn(ids, seqs)
+            return ids
+        ids, top = gather_logprobs(raw, next_ids, asked, [seqs[i].params.logprobs for i in asked])
+        check_drawn(ids, seqs)
+        for i, entry in zip(asked, top):
+            seqs[i].logprobs.append(entry)
+        return ids
 
-        ``token_bitmask`` int32 ``[B, ceil(V / 32)]`` (structured outputs, ``preft.engine.guided``): only
-        tokens whose bit is set can be sampled; logprobs stay the model's own."""
-        allowed = logits if token_bitmask is None else apply_token_bitmask(logits, token_bitmask)
-        greedy = [s.params.temperature == 0 for s in seqs]
-        tokens = allowed.argmax(-1) if any(greedy) else None
-        next_ids = tokens.tolist() if tokens is not None else [0] * len(seqs)
-        for i, seq in enumerate(seqs):
-            if not greedy[i]:
-                p = seq.params
-                next_ids[i] = int(sample_next(allowed[i : i + 1], p.temperature, p.top_p, p.top_k, seq.generator)[0])
-        for i, seq in enumerate(seqs):
-            if seq.logprobs is not None:
-                seq.logprobs.append(top_logprobs(logits[i], next_ids[i], seq.params.logprobs))
-        return next_ids
+
+def check_drawn(ids: list[int], seqs: list[Sequence]) -> None:
+    failed = [(s.request_id, s.params.temperature) for s, t in zip(seqs, ids) if t < 0]
+    if failed:
+        raise SamplingError(
+            f"no token could be sampled for request(s) {failed} (request id, temperature): their probabilities are not "
+            "finite (a temperature too small for float32) or every token was excluded"
+        )
 
 
-def top_logprobs(logits: Tensor, token_id: int, k: int) -> dict[int, float]:
-    """The model's log-probabilities (before temperature) of the top ``k`` tokens and of ``token_id``."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    out = {}
-    if k:
-        values, ids = logprobs.topk(min(k, logprobs.shape[-1]))
-        out = dict(zip(ids.tolist(), values.tolist()))
-    out[token_id] = float(logprobs[token_id])
-    return out
+def gather_logprobs(raw: Tensor, next_ids: Tensor, asked: list[int], ks: list[int]) -> tuple[list[int], list[dict[int, float]]]:
+    """The sampled ids of every row and, for rows ``asked``, the model's log-probabilities of their top ``k``
+    tokens and of their sampled token; computed for all asked rows at once, copied to the host in one go."""
+    rows = torch.tensor(asked, device=raw.device)
+    logprobs = torch.log_softmax(raw.index_select(0, rows), dim=-1)
+    k = min(max(ks), logprobs.shape[-1])
+    values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    chosen = logprobs.gather(-1, next_ids.index_select(0, rows)[:, None].clamp(min=0))
+    packed = torch.cat([next_ids.double(), chosen.double().flatten(), top_ids.double().flatten(), values.double().flatten()])
+    flat = packed.tolist()  # the step's one device-to-host copy (float64 holds token ids exactly)
+    batch, count = next_ids.shape[0], len(asked)
+    ids = [int(t) for t in flat[:batch]]
+    chosen_lp = flat[batch : batch + count]
+    top_flat, value_flat = flat[batch + count : batch + count + count * k], flat[batch + count + count * k :]
+    out = []
+    for j, (row, want) in enumerate(zip(asked, ks)):
+        entry = {int(t): v for t, v in zip(top_flat[j * k : j * k + want], value_flat[j * k : j * k + want])}
+        entry[ids[row]] = chosen_lp[j]
+        out.append(entry)
+    return ids, out
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    return torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+def _flat_rows(lists: list[list], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``lists[i]`` -> (row index of each item, the items), flattened: one host-to-device copy each."""
+    lengths = torch.tensor([len(x) for x in lists], device=device)
+    rows = torch.repeat_interleave(torch.arange(len(lists), device=device), lengths)
+    return rows, torch.tensor(list(chain.from_iterable(lists)), device=device)
+
+
+def token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> Tensor:
+    """``[B, vocab]`` float32: how often each token occurs in each row's list."""
+    rows, ids = _flat_rows(token_lists, device)
+    counts = torch.zeros(len(token_lists), vocab, device=device)
+    return counts.index_put_((rows, ids.long()), torch.ones(ids.shape, device=device), accumulate=True)
+
+
+def apply_min_tokens(logits: Tensor, seqs: list[Sequence], steps: list[int]) -> Tensor:
+    """EOS ids (unless ``ignore_eos``) and ``stop_token_ids`` at -inf for rows that have fewer than ``min_tokens``."""
+    blocked = [list(s.min_tokens_stop_ids) if step < s.params.min_tokens else [] for s, step in zip(seqs, steps)]
+    if not any(blocked):
+        return logits
+    rows, ids = _flat_rows(blocked, logits.device)
+    return logits.index_put((rows, ids.long()), torch.tensor(float("-inf"), device=logits.device))
+
+
+def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
+    if not any(p.logit_bias for p in params):
+        return logits
+    rows, ids = _flat_rows([list(p.logit_bias) for p in params], logits.device)
+    bias = torch.tensor(list(chain.from_iterable(p.logit_bias.values() for p in params)), dtype=logits.dtype, device=logits.device)
+    return logits.index_put((rows, ids.long()), bias, accumulate=True)
+
+
+def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
+    """vLLM's penalties: repetition over prompt + output tokens, then frequency and presence over output tokens."""
+    params = [s.params for s in seqs]
+    vocab, device = logits.shape[-1], logits.device
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = token_counts([s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)], vocab, device) > 0
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        used = [p.frequency_penalty or p.presence_penalty for p in params]
+        counts = token_counts([s.completion_token_ids if u else [] for s, u in zip(seqs, used)], vocab, device)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        logits = logits - frequency * counts - presence * (counts > 0)
+    return logits
+
+
+def request_seed(seed: int | None) -> int:
+    """The seed a request samples with: its own, or a random one drawn when it is added."""
+    return random_seeds(1)[0] if seed is None else seed
+
+
+# generation_config.json fields that set sampling defaults (vLLM's list; the same names in SamplingParams)
+GENERATION_DEFAULTS = {k: k for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+
+
+def generation_defaults(source: str, model_dir: str | Path) -> dict[str, float]:
+    """Sampling defaults from a ``generation_config.json``, as vLLM's ``--generation-config``: ``"auto"`` reads
+    the model's, ``"vllm"`` none (vLLM's own defaults), any other value is a folder holding the file."""
+    if source == "vllm":
+        return {}
+    folder = Path(model_dir) if source == "auto" else Path(source)
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        if source == "auto":
+            return {}
+        raise PreftError(f"--generation-config {source!r}: no generation_config.json in that folder")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PreftError(f"generation_config.json is not readable JSON: {e}") from None
+    values = {name: config.get(key) for key, name in GENERATION_DEFAULTS.items()}
+    return {name: v for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}

@@ -74,7 +74,7 @@ class Sequence:
         params: SamplingParams,
         adapter: AdapterRef | None = None,
         index: int = 0,
-        generator: torch.Generator | None = None,
+        seed: int = 0,
     ):
         self.seq_id = next(_seq_counter)
         self.request_id = request_id
@@ -83,7 +83,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.adapter = adapter
-        self.generator = generator
+        self.seed = seed  # the random draws are a function of (seed, tokens generated so far): preft.hf.sample_next
+        self.min_tokens_stop_ids: tuple[int, ...] = ()  # EOS and stop token ids kept from sampling until params.min_tokens
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
         self.num_cached_tokens = 0  # of those, how many came from prefix-cache hits at admission

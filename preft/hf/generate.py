@@ -22,22 +22,132 @@ class Generation:
     logits: list[Tensor] | None = None  # per row [len(token_ids[row]), vocab] float32, when asked
 
 
-def sample_next(logits: Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator: torch.Generator | None = None) -> Tensor:
-    """Greedy when ``temperature == 0``, otherwise sample from the temperature/top-k/top-p distribution."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for ``x`` in ``[0, 2**32)``, in 16-bit halves so no int64 product overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """Chris Wellons' ``lowbias32`` integer hash: an invertible avalanche of 32-bit values (held in int64)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seeded_uniforms(seeds: list[int], steps: list[int], device: torch.device | str = "cpu") -> Tensor:
+    """One float64 number in ``[0, 1)`` per row, a pure function of the row's ``(seed, step)`` (a counter-based stream).
+
+    Vectorised integer hashing of the 64-bit seed and the step; a row's number never depends on the
+    other rows, the batch order or earlier draws, so seeded sampling is batch-invariant and a rerun
+    (preemption, fault isolation) draws the same number again.
+    """
+    seed64 = [s % 2**64 for s in seeds]
+    lo = torch.tensor([s & MASK32 for s in seed64], dtype=torch.int64, device=device)
+    hi = torch.tensor([s >> 32 for s in seed64], dtype=torch.int64, device=device)
+    step = torch.tensor(steps, dtype=torch.int64, device=device) & MASK32
+    key = _mix32(_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi) ^ step)
+    a, b = _mix32(key ^ 0x85EBCA6B), _mix32(key ^ 0xC2B2AE35)
+    return ((a << 21) | (b >> 11)).double() * 2.0**-53  # 53 random bits: every float64 in [0, 1) grid equally likely
+
+
+def random_seeds(count: int) -> list[int]:
+    """Seeds for unseeded rows, from torch's global RNG (so ``torch.manual_seed`` makes a whole run reproducible)."""
+    return torch.randint(0, 2**62, (count,)).tolist()
+
+
+def _per_row(value: float | list[float], rows: int) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(values) != rows:
+        raise ValueError(f"{len(values)} per-row values for {rows} rows")
+    return values
+
+
+def filter_logits(
+    logits: Tensor, top_k: list[int] | None = None, top_p: list[float] | None = None, min_p: list[float] | None = None
+) -> Tensor:
+    """Temperature-scaled ``logits [B, V]`` with the tokens that min-p, then top-k, then top-p exclude set to -inf
+    (vLLM's order). Each filter is ``None`` (off) or a per-row list whose neutral value (0, 1.0, 0.0) leaves that row alone.
+
+    min-p keeps tokens with ``p >= min_p * p_max``; top-k keeps the ``k`` most likely (and ties of the k-th);
+    top-p keeps the smallest most-likely prefix whose mass reaches ``top_p``.
+    """
+    vocab, device = logits.shape[-1], logits.device
+    if min_p is not None:
+        floor = torch.tensor(min_p, dtype=logits.dtype, device=device).log()  # p >= min_p p_max  <=>  logit >= max + log(min_p)
+        logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + floor[:, None], float("-inf"))
+    if top_k is not None:
+        top_k = [k if 0 < k < vocab else vocab for k in top_k]  # 0 (off) keeps the whole vocabulary
+    if top_p is not None:  # needs the full sort; top-k is applied on the sorted values too
+        values, order = logits.sort(-1, descending=True)
+        if top_k is not None:
+            kth = values.gather(-1, torch.tensor(top_k, device=device)[:, None] - 1)
+            values = values.masked_fill(values < kth, float("-inf"))
+        probs = values.softmax(-1)
+        drop = probs.cumsum(-1) - probs > torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+        return logits.scatter(-1, order, values.masked_fill(drop, float("-inf")))
+    if top_k is not None:
+        kmax = max(k for k in top_k if k < vocab)
+        k = torch.tensor([min(k, kmax) for k in top_k], device=device)
+        kth = logits.topk(kmax, dim=-1).values.gather(-1, k[:, None] - 1)
+        kth = kth.masked_fill(torch.tensor([k == vocab for k in top_k], device=device)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits
+
+
+def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Inverse-CDF draw: per row the token whose cumulative-probability interval holds ``uniforms[row]``.
+
+    Float64 cumulative sums; a token of probability 0 (filtered out) has an empty interval and is never
+    drawn. A row whose probabilities are not finite, or all 0, gets -1 (the caller decides what fails).
+    """
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1]
+    ids = torch.searchsorted(cdf, (uniforms.to(cdf.device) * total)[:, None], right=True).squeeze(-1)
+    return torch.where(torch.isfinite(total) & (total > 0), ids.clamp(max=probs.shape[-1] - 1), -1)
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float | list[float] = 0.0,
+    top_p: float | list[float] = 1.0,
+    top_k: int | list[int] = 0,
+    min_p: float | list[float] = 0.0,
+    seed: int | list[int] | None = None,
+    step: int | list[int] = 0,
+) -> Tensor:
+    """The next token of each row of ``logits [B, V]``: argmax where ``temperature == 0``, else a draw from
+    ``softmax(logits / temperature)`` restricted by min-p, top-k and top-p (``filter_logits``).
+
+    Each knob is one value for every row or a list of per-row values. A row's draw is a pure function of
+    its logits, knobs, ``seed`` and ``step`` (``seeded_uniforms``), so it does not depend on the other rows;
+    ``seed=None`` draws random seeds from torch's global RNG. This is the one definition of the sampling
+    maths: the reference generator calls it directly, the engine's ``Sampler`` after its logit processors.
+    """
+    rows = logits.shape[0]
+    temps = _per_row(temperature, rows)
+    if not any(temps):
+        return logits.argmax(-1)
+    device = logits.device
+    scale = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float32, device=device)
+    scaled = logits.float() / scale[:, None]
+    knobs = {"top_k": _per_row(top_k, rows), "top_p": _per_row(top_p, rows), "min_p": _per_row(min_p, rows)}
+    used = {
+        "top_k": any(0 < k < logits.shape[-1] for k in knobs["top_k"]),
+        "top_p": any(p < 1.0 for p in knobs["top_p"]),
+        "min_p": any(p > 0.0 for p in knobs["min_p"]),
+    }
+    scaled = filter_logits(scaled, **{name: values if used[name] else None for name, values in knobs.items()})
+    seeds = random_seeds(rows) if seed is None else _per_row(seed, rows)
+    sampled = draw(scaled.softmax(-1), seeded_uniforms(seeds, _per_row(step, rows), device))
+    if all(temps):
+        return sampled
+    greedy = torch.tensor([t == 0 for t in temps], device=device)
+    return torch.where(greedy, logits.argmax(-1), sampled)
 
 
 @torch.no_grad()
@@ -49,12 +159,17 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    min_p: float = 0.0,
     seed: int | None = None,
     eos_token_id: int | list[int] | None = None,
     return_logits: bool = False,
     pad_token_id: int = 0,
 ) -> Generation:
-    """Generate up to ``max_new_tokens`` per prompt with exact PreFT semantics (see module doc)."""
+    """Generate up to ``max_new_tokens`` per prompt with exact PreFT semantics (see module doc).
+
+    Sampling (``temperature > 0``) is ``sample_next``: row ``i`` uses seed ``seed + i`` (random when ``seed`` is
+    None) and its step counter, so it samples what an engine request with that seed samples.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = next(model.parameters()).device
@@ -65,17 +180,17 @@ def generate(
         input_ids[i, longest - len(p) :] = torch.tensor(p, device=device)
         attention_mask[i, longest - len(p) :] = 1
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    seeds = random_seeds(bsz) if seed is None else [seed + i for i in range(bsz)]  # row i: the engine's seed + completion index
     cache = DynamicCache(config=model.config)
     out_tokens: list[list[int]] = [[] for _ in range(bsz)]
     out_logits: list[list[Tensor]] = [[] for _ in range(bsz)]
     done = [False] * bsz
     step_ids = input_ids
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logits = model(step_ids, attention_mask=attention_mask, adapter_names=adapter_names, past_key_values=cache, use_cache=True).logits[
             :, -1
         ]
-        next_ids = sample_next(logits, temperature, top_p, top_k, generator)
+        next_ids = sample_next(logits, temperature, top_p, top_k, min_p, seeds, step)
         for i in range(bsz):
             if done[i]:
                 continue
