@@ -20,11 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from preft.adapters.base_model import _get, check_fingerprint, linear_shapes
+from preft.adapters.base_model import _get, check_config_fits, check_fingerprint, linear_shapes
 from preft.adapters.config import AdapterConfig, LoraConfig, ReftConfig, check_policy, parse_positions
 from preft.adapters.maths import direft_factors, loreft_factors
 from preft.errors import AdapterFormatError, AdapterShapeError, NonFiniteWeightsError, UnknownTargetModuleError
 
+# Trained adapters hold weights of magnitude ~1 or below; one far above is corrupt or hostile and would
+# overflow to inf mid-batch, so it is refused at load.
+MAX_ABS_WEIGHT = 1e4
 LORA_KEY = re.compile(r"^layers\.(\d+)\.(\w+)\.lora_([AB])$")
 REFT_KEY = re.compile(r"^layers\.(\d+)\.(rotate|proj|source\.weight|source\.bias)$")
 
@@ -113,10 +116,16 @@ class Adapter:
                 raise AdapterFormatError(f"tensor {key!r} has dtype {tensor.dtype}, expected a floating type")
             if not torch.isfinite(tensor).all():
                 raise NonFiniteWeightsError(f"tensor {key!r} holds NaN or inf values")
+            if tensor.numel() and float(tensor.abs().max()) > MAX_ABS_WEIGHT:
+                raise NonFiniteWeightsError(
+                    f"tensor {key!r} holds values of magnitude {float(tensor.abs().max()):.3g} > {MAX_ABS_WEIGHT:g}: "
+                    "not a trained adapter (it would overflow the forward pass)"
+                )
         if not self.tensors:
             raise AdapterFormatError("adapter has no weights")
         if model_config is not None:
             check_fingerprint(self.base_model, model_config)
+            check_config_fits(self.config, model_config)
         if isinstance(self.config, LoraConfig):
             self._validate_lora(model_config)
         else:

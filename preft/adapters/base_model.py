@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from preft.adapters.config import LINEAR_MODULES
-from preft.errors import BaseModelMismatchError, UnsupportedModelError
+from preft.errors import AdapterShapeError, BaseModelMismatchError, UnsupportedModelError
 
 # model_type -> the decoder architecture preft implements for it (all Llama-shaped).
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -78,3 +78,13 @@ def linear_shapes(config: Any) -> dict[str, tuple[int, int]]:
         "up_proj": (hidden, inter),
         "down_proj": (inter, hidden),
     }
+
+
+def check_config_fits(config: Any, model_config: Any) -> None:
+    """Raise ``AdapterShapeError`` if an adapter config's layers or rank do not fit the base model."""
+    n_layers, hidden = _get(model_config, "num_hidden_layers"), _get(model_config, "hidden_size")
+    outside = [layer for layer in config.layers or () if layer >= n_layers]
+    if outside:
+        raise AdapterShapeError(f"{config.kind} layers {outside} are out of range: the base model has {n_layers} layers (0..{n_layers - 1})")
+    if config.kind != "lora" and config.r > hidden:
+        raise AdapterShapeError(f"{config.kind} rank r={config.r} exceeds the base model's hidden size {hidden}")

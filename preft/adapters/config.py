@@ -20,11 +20,39 @@ POLICIES = ("prefill", "all")
 REFT_KINDS = ("loreft", "direft")
 # Linear modules of the supported (Llama-family) decoder layers, in PEFT's naming.
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_LORA_ALPHA = 1e6  # far above any trained adapter's; a larger one is a broken or hostile config
+
+
+def check_int(what: str, value: object, minimum: int = 0) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``, else ``AdapterFormatError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise AdapterFormatError(f"{what} must be an integer >= {minimum}, got {value!r:.80}")
+    return value
+
+
+def check_number(what: str, value: object, low: float, high: float, high_open: bool = False) -> float:
+    """``value`` as a float if it is a real number in ``[low, high]`` (``[low, high)`` when ``high_open``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (low <= value < high if high_open else low <= value <= high):
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise AdapterFormatError(f"{what} must be a number in {interval}, got {value!r:.80}")
+    return float(value)
+
+
+def check_layers(what: str, layers: object) -> list[int] | None:
+    """``None`` (every layer) or a non-empty list of distinct layer indices."""
+    if layers is None:
+        return None
+    if not isinstance(layers, list) or not layers:
+        raise AdapterFormatError(f"{what} must be null or a non-empty list of layer indices, got {layers!r:.80}")
+    layers = [check_int(f"{what} entry", layer) for layer in layers]
+    if len(set(layers)) != len(layers):
+        raise AdapterFormatError(f"{what} lists a layer twice: {layers}")
+    return layers
 
 
 def check_policy(policy: str) -> str:
-    if policy not in POLICIES:
-        raise AdapterFormatError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise AdapterFormatError(f"policy must be one of {POLICIES}, got {policy!r:.80}")
     return policy
 
 
@@ -47,17 +75,25 @@ class LoraConfig:
     kind = "lora"
 
     def __post_init__(self) -> None:
-        if self.r < 1:
-            raise AdapterFormatError(f"LoRA rank r must be >= 1, got {self.r}")
+        check_int("LoRA rank r", self.r, 1)
+        check_number("lora_alpha", self.lora_alpha, -MAX_LORA_ALPHA, MAX_LORA_ALPHA)
         check_policy(self.policy)
         if isinstance(self.target_modules, str):
             if self.target_modules != "all-linear":
                 self.target_modules = [self.target_modules]
+        if not isinstance(self.target_modules, str) and (
+            not isinstance(self.target_modules, list) or not self.target_modules or not all(isinstance(m, str) for m in self.target_modules)
+        ):
+            raise AdapterFormatError(
+                f"target_modules must be a module name, a list of them or 'all-linear', got {self.target_modules!r:.80}"
+            )
         unknown = [m for m in self.modules() if m not in LINEAR_MODULES]
         if unknown:
             raise AdapterFormatError(f"unknown LoRA target module(s) {unknown}; choose from {list(LINEAR_MODULES)} or 'all-linear'")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise AdapterFormatError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_number("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        if not isinstance(self.use_rslora, bool):
+            raise AdapterFormatError(f"use_rslora must be true or false, got {self.use_rslora!r:.80}")
+        self.layers = check_layers("LoRA layers (layers_to_transform)", self.layers)
 
     def modules(self) -> list[str]:
         """Target module names with ``all-linear`` expanded."""
@@ -106,14 +142,15 @@ class ReftConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in REFT_KINDS:
-            raise AdapterFormatError(f"ReFT kind must be one of {REFT_KINDS}, got {self.kind!r}")
-        if self.r < 1:
-            raise AdapterFormatError(f"ReFT rank r must be >= 1, got {self.r}")
+            raise AdapterFormatError(f"ReFT kind must be one of {REFT_KINDS}, got {self.kind!r:.80}")
+        check_int("ReFT rank r", self.r, 1)
         check_policy(self.policy)
+        self.layers = check_layers("ReFT layers", self.layers)
+        if not isinstance(self.positions, str):
+            raise AdapterFormatError(f"ReFT positions must be a string like 'all' or 'f3+l3', got {self.positions!r:.80}")
+        check_number("dropout", self.dropout, 0.0, 1.0, high_open=True)
         if parse_positions(self.positions) is not None and self.policy != "prefill":
             raise AdapterFormatError(f"ReFT positions {self.positions!r} select prompt tokens, so they need policy 'prefill'")
-        if not 0.0 <= self.dropout < 1.0:
-            raise AdapterFormatError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,11 +161,13 @@ AdapterConfig = LoraConfig | ReftConfig
 
 def config_from_dict(data: dict) -> AdapterConfig:
     """Inverse of ``to_dict``; unknown keys are an error (a typo must not pass silently)."""
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"an adapter config must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     kind = data.pop("kind", None)
     cls = LoraConfig if kind == "lora" else ReftConfig if kind in REFT_KINDS else None
     if cls is None:
-        raise AdapterFormatError(f"adapter kind must be 'lora', 'loreft' or 'direft', got {kind!r}")
+        raise AdapterFormatError(f"adapter kind must be 'lora', 'loreft' or 'direft', got {kind!r:.80}")
     if cls is ReftConfig:
         data["kind"] = kind
     allowed = set(cls.__dataclass_fields__)

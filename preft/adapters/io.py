@@ -23,7 +23,7 @@ from preft import __version__
 from preft.adapters.adapter import Adapter, lora_key, reft_key
 from preft.adapters.base_model import MODULE_PARENT, fingerprint
 from preft.adapters.config import LINEAR_MODULES, LoraConfig, ReftConfig, config_from_dict
-from preft.errors import AdapterFormatError
+from preft.errors import AdapterFormatError, UnknownTargetModuleError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -41,6 +41,20 @@ UNSUPPORTED_PEFT = {
     "modules_to_save": (None, []),
     "layer_replication": (None,),
     "target_parameters": (None, []),
+    "trainable_token_indices": (None, {}, []),
+    "use_qalora": (False, None),
+}
+# Target modules PEFT can adapt but preft cannot, by the last part of their name.
+UNSUPPORTED_TARGETS = {"embed_tokens": "LoRA on the token embeddings", "lm_head": "LoRA on lm_head"}
+# Tensor name markers of PEFT options preft does not implement (a config may omit the option itself).
+UNSUPPORTED_TENSORS = {
+    "lora_magnitude_vector": "DoRA (use_dora)",
+    "lora_embedding_": "LoRA on the token embeddings",
+    "lm_head": "LoRA on lm_head",
+    "embed_tokens": "LoRA on the token embeddings",
+    "modules_to_save": "modules_to_save",
+    "trainable_tokens": "trainable_token_indices",
+    ".bias": "lora_bias",
 }
 
 
@@ -119,33 +133,90 @@ def _read_weights(path: Path, allow_bin: bool) -> dict[str, torch.Tensor]:
     raise AdapterFormatError(f"{str(path)!r} has no {WEIGHTS_NAME}")
 
 
+def _target_modules(target: Any, layers: set[int]) -> set[str]:
+    """The linear modules PEFT's ``target_modules`` selects (a list of names or name suffixes, a regex, or
+    ``all-linear``) in ``layers``; a target that matches none of them is an error, as in PEFT."""
+    if target == "all-linear":
+        return set(LINEAR_MODULES)
+    if isinstance(target, str):  # PEFT: a regex, full-matched against each module's path
+        try:
+            pattern = re.compile(target)
+        except re.error as e:
+            raise AdapterFormatError(f"target_modules regex is invalid: {e}") from None
+        matched = {
+            m
+            for m in LINEAR_MODULES
+            for i in layers
+            if pattern.fullmatch(f"model.layers.{i}.{MODULE_PARENT[m]}.{m}") or pattern.fullmatch(m)
+        }
+        if not matched:
+            raise AdapterFormatError(f"target_modules regex {target!r:.80} matches no linear module of the base model")
+        return matched
+    if not isinstance(target, list) or not target or not all(isinstance(t, str) for t in target):
+        raise AdapterFormatError(f"target_modules must be a list of module names, a regex or 'all-linear', got {target!r:.80}")
+    matched = set()
+    for name in target:
+        module = name.rsplit(".", 1)[-1]
+        if module in UNSUPPORTED_TARGETS:
+            raise AdapterFormatError(f"target_modules {name!r:.80}: {UNSUPPORTED_TARGETS[module]} is not supported by preft")
+        if module not in LINEAR_MODULES:
+            raise AdapterFormatError(
+                f"target_modules {name!r:.80} matches no module of the base model (preft targets {list(LINEAR_MODULES)}); PEFT refuses it too"
+            )
+        matched.add(module)
+    return matched
+
+
+def _unsupported_tensor(key: str) -> str | None:
+    """The PEFT option a tensor name belongs to, when preft does not support that option."""
+    for marker, option in UNSUPPORTED_TENSORS.items():
+        if marker in key:
+            return option
+    return None
+
+
 def _lora_from_peft(config: dict, state: dict[str, torch.Tensor], policy: str) -> tuple[LoraConfig, dict]:
     if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"peft_type {config.get('peft_type')!r} is not supported; preft loads LORA adapters")
+        raise AdapterFormatError(f"peft_type {config.get('peft_type')!r:.80} is not supported; preft loads LORA adapters")
     for key, allowed in UNSUPPORTED_PEFT.items():
         if key in config and config[key] not in allowed:
-            raise AdapterFormatError(f"PEFT option {key}={config[key]!r} is not supported by preft (supported: {allowed[0]!r})")
+            raise AdapterFormatError(f"PEFT option {key}={config[key]!r:.80} is not supported by preft (supported: {allowed[0]!r})")
+    if "r" not in config:
+        raise AdapterFormatError("the adapter config has no LoRA rank 'r'")
+    name_or_path = config.get("base_model_name_or_path")
+    if name_or_path is not None and not isinstance(name_or_path, str):
+        raise AdapterFormatError(f"base_model_name_or_path must be a string or null, got {type(name_or_path).__name__}")
     tensors = {}
     for key, tensor in state.items():
+        option = _unsupported_tensor(key)
+        if option is not None:
+            raise AdapterFormatError(f"the adapter uses {option}, which preft does not support")
         match = PEFT_KEY.match(key)
         if not match:
-            raise AdapterFormatError(f"unexpected tensor {key!r} in PEFT adapter (expected ...layers.N.<module>.lora_A/B.weight)")
+            raise AdapterFormatError(f"unexpected tensor {key!r:.120} in PEFT adapter (expected ...layers.N.<module>.lora_A/B.weight)")
         layer, _, module, which = match.groups()
         tensors[lora_key(int(layer), module, which)] = tensor
-    modules = sorted({k.split(".")[2] for k in tensors})
-    target = config.get("target_modules")
-    if target == "all-linear" or (isinstance(target, list) and set(target) >= set(LINEAR_MODULES)):
-        modules = "all-linear"
+    weight_modules = {k.split(".")[2] for k in tensors}
+    targets = _target_modules(config.get("target_modules", "all-linear"), {int(k.split(".")[1]) for k in tensors})
+    if not weight_modules <= targets:
+        raise UnknownTargetModuleError(
+            f"the weights target {sorted(weight_modules - targets)}, which target_modules {sorted(targets)} does not name"
+        )
     layers = config.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
     lora = LoraConfig(
-        r=int(config["r"]),
-        lora_alpha=float(config.get("lora_alpha", config["r"])),
-        target_modules=modules,
-        lora_dropout=float(config.get("lora_dropout") or 0.0),
-        use_rslora=bool(config.get("use_rslora", False)),
-        layers=[layers] if isinstance(layers, int) else layers,
+        r=config["r"],
+        lora_alpha=config.get("lora_alpha", config["r"]),
+        target_modules="all-linear" if weight_modules >= set(LINEAR_MODULES) else sorted(weight_modules),
+        lora_dropout=config.get("lora_dropout") or 0.0,
+        use_rslora=config.get("use_rslora", False),
+        layers=layers,
         policy=policy,
     )
+    if lora.layers is not None:
+        outside = sorted({int(k.split(".")[1]) for k in tensors} - set(lora.layers))
+        if outside:
+            raise AdapterFormatError(f"the weights edit layers {outside}, which layers_to_transform {lora.layers} does not name")
     return lora, tensors
 
 

@@ -35,6 +35,7 @@ from preft.adapters import (
     reft_position_mask,
     save_adapter,
 )
+from preft.adapters.base_model import check_config_fits
 from preft.adapters.maths import direft_factors, loreft_factors
 from preft.errors import PreftError, UnknownTargetModuleError
 
@@ -238,6 +239,7 @@ class PreftModel(nn.Module):
             raise PreftError(f"adapter {name!r} already exists; remove it first")
         adapter = config if isinstance(config, Adapter) else None
         config = adapter.config if adapter else config
+        check_config_fits(config, self.config)  # layers and rank against this model, for a bare config too
         if adapter is not None:
             adapter.validate(self.config)
         ref = next(self.model.parameters())
