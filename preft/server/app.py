@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class ServerState:
     adapter_root: Path | None = None
     created: int = 0
     max_lora_rank: int | None = None  # --max-lora-rank: runtime loads above it are refused
+    sampling_defaults: dict = field(default_factory=dict)  # --generation-config: knobs a request leaves out
 
     def adapter_for(self, model: str) -> str | None:
         """``None`` for the base model, else the adapter name (checked again on the engine thread)."""
@@ -276,7 +277,7 @@ class Routes:
         for prompt in prompts:
             n_tokens = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
             max_tokens.append(self.check_length(n_tokens, body.max_tokens, "prompt"))
-        params = sampling_params(body, min(max_tokens), body.logprobs)
+        params = sampling_params(body, min(max_tokens), body.logprobs, self.state.sampling_defaults)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, prompts, params, adapter)
         choices = Choices(request_ids, body.n)
@@ -353,7 +354,7 @@ class Routes:
         prompt = self.chat_prompt(body)
         max_tokens = self.check_length(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
         top = body.top_logprobs or 0
-        params = sampling_params(body, max_tokens, top if body.logprobs else None)
+        params = sampling_params(body, max_tokens, top if body.logprobs else None, self.state.sampling_defaults)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, [prompt], params, adapter)
         choices = Choices(request_ids, body.n)

@@ -65,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--adapter-root", type=Path, default=None, help="directory runtime adapter loads may read from (default: runtime loading disabled)"
     )
     parser.add_argument("--served-model-name", default=None, help="name of the base model in the API (default: the model directory's name)")
+    parser.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|vllm|PATH",
+        help="sampling defaults for knobs a request leaves out (temperature, top_p, top_k, min_p, repetition_penalty), as vLLM: "
+        "'auto' the model's generation_config.json, 'vllm' none (OpenAI/vLLM defaults), or a folder holding a generation_config.json",
+    )
     parser.add_argument("--no-default-adapters", action="store_true", help="with no MODEL_DIR, do not load the built-in demo adapters")
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -145,6 +152,7 @@ def check_adapter_rank(name: str, path: str, policy: str | None, max_rank: int |
 def build_state(args: argparse.Namespace):
     """Load the model and startup adapters; return the ``ServerState`` (engine thread started)."""
     from preft.engine import LLM
+    from preft.engine.sampler import generation_defaults
     from preft.server.app import ServerState
     from preft.server.default_model import default_model
     from preft.server.engine_loop import EngineLoop
@@ -197,6 +205,9 @@ def build_state(args: argparse.Namespace):
         logger.info("loaded adapter %r: %s rank %d, policy %s, from %s", name, info.kind, info.rank, info.policy, path)
     engine_loop = EngineLoop(llm)
     engine_loop.start()
+    sampling_defaults = generation_defaults(args.generation_config, llm.engine.model_dir)
+    if sampling_defaults:
+        logger.info("sampling defaults from generation_config.json (--generation-config %s): %s", args.generation_config, sampling_defaults)
     state = ServerState(
         engine_loop=engine_loop,
         tokenizer=llm.tokenizer,
@@ -206,6 +217,7 @@ def build_state(args: argparse.Namespace):
         api_key=args.api_key,
         adapter_root=args.adapter_root,
         max_lora_rank=args.max_lora_rank,
+        sampling_defaults=sampling_defaults,
     )
     return state
 

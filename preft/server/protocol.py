@@ -1,7 +1,9 @@
 """The OpenAI wire format: request bodies, their translation to ``SamplingParams``, and errors.
 
-Field names and defaults follow the OpenAI API; vLLM's extra sampling fields (``top_k``,
-``ignore_eos``, ``stop_token_ids``) are accepted too, so clients written for vLLM work unchanged.
+Field names and defaults follow the OpenAI API; vLLM's extra sampling fields (``top_k``, ``min_p``,
+``repetition_penalty``, ``min_tokens``, ``ignore_eos``, ``stop_token_ids``) are accepted too, so clients
+written for vLLM work unchanged. Knobs a request leaves out take the model's generation_config.json
+defaults (``preft serve --generation-config``), as in vLLM.
 """
 
 from __future__ import annotations
@@ -60,26 +62,23 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM extra; 1 = off
+    logit_bias: dict[str, float] | None = None  # token id (a string, as OpenAI sends it) -> bias in [-100, 100]
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extra; 0 = off
+    min_tokens: int = Field(0, ge=0)  # vLLM extra: no EOS / stop token ids before this many tokens
     user: str | None = None
     return_token_ids: bool = False  # vLLM extra: token ids of prompt and completion in each choice
 
-    @field_validator("presence_penalty", "frequency_penalty", "repetition_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float, info: Any) -> float:
-        neutral = 1.0 if info.field_name == "repetition_penalty" else 0.0
-        if value != neutral:
-            raise ValueError(f"is not supported by preft; leave it at {neutral}")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("is not supported by preft")
+    def _logit_bias(cls, value: dict | None) -> dict | None:
+        for token, bias in (value or {}).items():
+            if not token.strip().isdigit():
+                raise ValueError(f'keys must be token ids such as "50256", got {token!r}')
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases must be in [-100, 100], got {bias} for token {token}")
         return value
 
     def stop_list(self) -> list[str]:
@@ -222,18 +221,28 @@ class UnloadAdapterRequest(BaseModel):
         return name
 
 
-def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None):
-    """The engine's ``SamplingParams`` for one OpenAI request."""
+def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | None, defaults: dict | None = None):
+    """The engine's ``SamplingParams`` for one OpenAI request; ``defaults`` (the model's generation_config
+    sampling values, ``preft.engine.sampler.generation_defaults``) fill the knobs the request leaves out."""
     try:
         from preft.engine import SamplingParams
     except ImportError:  # an engine build that does not re-export it
         from preft.engine.sampler import SamplingParams
 
+    def knob(name: str) -> Any:
+        return getattr(request, name) if name in request.model_fields_set or name not in (defaults or {}) else defaults[name]
+
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=max(request.top_k, 0),
+        temperature=knob("temperature"),
+        top_p=knob("top_p"),
+        top_k=max(knob("top_k"), 0),
+        min_p=knob("min_p"),
+        repetition_penalty=knob("repetition_penalty"),
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        logit_bias={int(token): bias for token, bias in (request.logit_bias or {}).items()},
+        min_tokens=request.min_tokens,
         seed=request.seed,
         stop=request.stop_list(),
         stop_token_ids=list(request.stop_token_ids),

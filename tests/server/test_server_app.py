@@ -235,7 +235,7 @@ def test_every_error_case_has_its_status_and_the_next_request_succeeds(server, t
             (http.post("/v1/completions", json={**good, "temperature": 5}), 400, "temperature"),
             (http.post("/v1/completions", json={**good, "max_tokens": 0}), 400, "max_tokens"),
             (http.post("/v1/completions", json={"model": base, "max_tokens": 2}), 400, "prompt"),
-            (http.post("/v1/completions", json={**good, "presence_penalty": 0.5}), 400, "presence_penalty"),
+            (http.post("/v1/completions", json={**good, "presence_penalty": 2.5}), 400, "presence_penalty"),
             (http.post("/v1/chat/completions", json={"model": base, "messages": []}), 400, "messages"),
             (http.post("/v1/completions", content=b"{oops", headers={"content-type": "application/json"}), 400, None),
             (http.post("/v1/completions", json={**good, "prompt": [7] * (server.state.max_model_len + 5)}), 400, "prompt"),
