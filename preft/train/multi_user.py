@@ -48,8 +48,8 @@ from preft.errors import PreftError
 from preft.hf import PreftModel
 from preft.models import resolve_model
 from preft.train.config import SFTConfig
-from preft.train.data import DataError, Example, collate, load_user_examples
-from preft.train.trainer import load_model, lr_lambda, ordered_batches, set_adapter_dropout, token_logprobs
+from preft.train.data import DataError, Example, collate, dataset_label, load_user_examples
+from preft.train.trainer import enable_gradient_checkpointing, load_model, lr_lambda, ordered_batches, set_adapter_dropout, token_logprobs
 
 JOB_DIR = ".preft_job"  # not a valid adapter name, so a server scanning the output folder never takes it for a user
 SUMMARY_NAME = "training_summary.json"
@@ -65,6 +65,8 @@ RESUMABLE_FLAGS = {
     "users_per_step",
     "device",
     "per_device_eval_batch_size",
+    "gradient_checkpointing",
+    "report_to",
 }
 
 
@@ -268,11 +270,13 @@ class MultiUserSFTTrainer:
         self,
         model_dir: str | Path,
         config: SFTConfig,
-        train_dataset: str | Path,
-        eval_dataset: str | Path | None = None,
+        train_dataset: Any,
+        eval_dataset: Any = None,
         model: PreftModel | None = None,
         tokenizer: Any = None,
     ):
+        """``train_dataset`` / ``eval_dataset``: a data file whose rows name their user, a folder of per-user files,
+        a ``datasets.Dataset`` or a list of rows (``preft.train.data.load_user_examples``)."""
         self.config = cfg = config
         self.ranks = Ranks(cfg.device if model is None else next(model.parameters()).device)
         self.device = self.ranks.device
@@ -280,12 +284,17 @@ class MultiUserSFTTrainer:
         if model is None:
             model, tokenizer = load_model(model_dir, cfg, self.device)
         self.model, self.tokenizer = model, tokenizer
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        train, report = load_user_examples(train_dataset, tokenizer, cfg.max_length, cfg.user_column, cfg.skip_bad_rows)
+        load = dict(user_column=cfg.user_column, skip_bad_rows=cfg.skip_bad_rows, text_field=cfg.dataset_text_field)
+        train, report = load_user_examples(train_dataset, tokenizer, cfg.max_length, **load)
         evals: dict[str, list[Example]] = {}
-        eval_path = eval_dataset or cfg.eval_dataset
-        if eval_path:
-            evals, _ = load_user_examples(eval_path, tokenizer, cfg.max_length, cfg.user_column, cfg.skip_bad_rows)
+        eval_path = eval_dataset if eval_dataset is not None else cfg.eval_dataset
+        if not cfg.evaluates:
+            pass  # --eval_strategy no: no eval rows, none held out
+        elif eval_path is not None:
+            evals, _ = load_user_examples(eval_path, tokenizer, cfg.max_length, **load)
             unknown = sorted(set(evals) - set(train))
             if unknown:
                 raise DataError(f"{eval_path}: users without training rows: {unknown[:5]}")
@@ -299,8 +308,10 @@ class MultiUserSFTTrainer:
                 if not train[user]:
                     raise DataError(f"user {user!r}: no training rows left after holding out --eval_split {cfg.eval_split}")
         if cfg.early_stopping_patience > 0:
-            if cfg.eval_steps <= 0:
-                raise PreftError("--early_stopping_patience needs --eval_steps > 0 (how often each user is evaluated)")
+            if cfg.eval_interval(1) <= 0:
+                raise PreftError(
+                    "--early_stopping_patience needs --eval_steps > 0 or --eval_strategy steps|epoch (how often each user is evaluated)"
+                )
             missing = [u for u in train if not evals.get(u)]
             if missing:
                 raise PreftError(
@@ -317,7 +328,7 @@ class MultiUserSFTTrainer:
         if ranks.is_main:
             eval_total = sum(len(e) for e in self.eval_rows.values())
             print(
-                f"preft train sft: {train_dataset}: {len(train)} users, {report.summary()}; {eval_total} eval rows; {ranks.world} rank(s)"
+                f"preft train sft: {dataset_label(train_dataset)}: {len(train)} users, {report.summary()}; {eval_total} eval rows; {ranks.world} rank(s)"
             )
 
     # ---- schedule --------------------------------------------------------------------------------
@@ -327,9 +338,12 @@ class MultiUserSFTTrainer:
         cfg = self.config
         if cfg.max_steps > 0:
             return cfg.max_steps
+        return max(1, math.ceil(cfg.num_train_epochs * self.user_steps_per_epoch(n_rows)))
+
+    def user_steps_per_epoch(self, n_rows: int) -> float:
+        cfg = self.config
         shards = self.ranks.world if self.split else 1
-        per_epoch = math.ceil(n_rows / (cfg.per_device_train_batch_size * shards))
-        return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+        return math.ceil(n_rows / (cfg.per_device_train_batch_size * shards)) / cfg.gradient_accumulation_steps
 
     def start_user(self, user: str) -> UserRun:
         """Put ``user`` in a slot: a fresh adapter initialised from ``--seed`` (as a separate run's), or its saved state."""
@@ -340,7 +354,7 @@ class MultiUserSFTTrainer:
         params = self.model.adapter_parameters(user)
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         total = self.user_total_steps(len(self.train_rows[user]))
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, int(cfg.warmup_ratio * total), cfg.lr_scheduler_type))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, cfg.warmup_updates(total), cfg.lr_scheduler_type))
         run = UserRun(user, self.train_rows[user], self.eval_rows[user], total, params, optimizer, scheduler)
         state = self.job.load_inflight(user)
         if state is not None:
@@ -421,7 +435,7 @@ class MultiUserSFTTrainer:
             run.optimizer.zero_grad(set_to_none=True)
             run.step += 1
             run.train_tokens += int(tokens[i])
-            logs.append({"loss": float(nll_sums[i] / counts[i]), "grad_norm": grad_norm, "lr": lr, "tokens": int(counts[i])})
+            logs.append({"loss": float(nll_sums[i] / counts[i]), "grad_norm": grad_norm, "learning_rate": lr, "tokens": int(counts[i])})
         return logs
 
     def all_reduce_grads(self, params: list[nn.Parameter]) -> None:
@@ -434,7 +448,7 @@ class MultiUserSFTTrainer:
             offset += p.numel()
 
     def eval_due(self, run: UserRun) -> bool:
-        every = self.config.eval_steps
+        every = self.config.eval_interval(math.ceil(self.user_steps_per_epoch(len(run.examples))))
         return bool(run.eval_examples) and ((every > 0 and run.step % every == 0) or run.step >= run.total_steps)
 
     @torch.no_grad()

@@ -20,15 +20,30 @@ import torch
 from preft.errors import PreftError
 from preft.hf import PreftModel
 from preft.train.config import SFTConfig
-from preft.train.data import Batch, DataError, Example, collate, load_examples, user_column_of
+from preft.train.data import Batch, DataError, Example, collate, dataset_label, load_examples, user_column_of
 from preft.train.multi_user import MultiUserSFTTrainer, UsersResult
-from preft.train.trainer import AdapterTrainer, TrainResult, ordered_batches, token_logprobs
+from preft.train.trainer import AdapterTrainer, TrainResult, completion_logits, gather_logprobs, ordered_batches, token_logprobs
 
 
 def masked_nll_sum(model: PreftModel, batch: Batch, adapter_name: str) -> tuple[torch.Tensor, int]:
     """Sum of ``-log p(completion token)`` over the batch, and the number of completion tokens."""
     logp = token_logprobs(model, batch, adapter_name)
     return -(logp * batch.completion_mask).sum(), int(batch.completion_mask.sum())
+
+
+def completion_loss_and_stats(model: PreftModel, batch: Batch, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The completion tokens' summed NLL (with grad) and ``[count, correct, entropy sum]`` for TRL's
+    ``mean_token_accuracy`` (greedy token == target) and ``entropy`` (of the predicted distribution)."""
+    logits, start = completion_logits(model, batch, adapter_name)
+    mask = batch.completion_mask
+    nll = -(gather_logprobs(logits, batch, start) * mask).sum()
+    with torch.no_grad():
+        loss_mask = mask[:, start:]
+        correct = ((logits.argmax(-1) == batch.input_ids[:, start:]).float() * loss_mask).sum()
+        logp = torch.log_softmax(logits, dim=-1)
+        entropy = (-(logp.exp() * logp).sum(-1) * loss_mask).sum()
+        stats = torch.stack([loss_mask.sum(), correct, entropy]).double()
+    return nll, stats
 
 
 class SFTTrainer(AdapterTrainer):
@@ -38,11 +53,12 @@ class SFTTrainer(AdapterTrainer):
         self,
         model_dir: str | Path,
         config: SFTConfig,
-        train_dataset: str | Path,
-        eval_dataset: str | Path | None = None,
+        train_dataset: Any,
+        eval_dataset: Any = None,
         model: PreftModel | None = None,
         tokenizer: Any = None,
     ):
+        """``train_dataset`` / ``eval_dataset``: a data file or folder, a ``datasets.Dataset`` or a list of rows (``preft.train.data``)."""
         if user_column_of(train_dataset, config.user_column) is not None:
             raise PreftError(
                 f"{train_dataset}: the rows name their users, so this is a multi-user job (preft.train.MultiUserSFTTrainer, "
@@ -52,12 +68,15 @@ class SFTTrainer(AdapterTrainer):
         self.config: SFTConfig = config
         if config.early_stopping_patience > 0:
             raise PreftError("--early_stopping_patience is implemented for multi-user jobs (a dataset whose rows name their user)")
-        examples, report = load_examples(train_dataset, self.tokenizer, config.max_length, skip_bad_rows=config.skip_bad_rows)
+        load = dict(skip_bad_rows=config.skip_bad_rows, text_field=config.dataset_text_field)
+        examples, report = load_examples(train_dataset, self.tokenizer, config.max_length, **load)
         self.load_report = report
         self.eval_examples: list[Example] = []
-        eval_path = eval_dataset or config.eval_dataset
-        if eval_path:
-            self.eval_examples, _ = load_examples(eval_path, self.tokenizer, config.max_length, skip_bad_rows=config.skip_bad_rows)
+        eval_path = eval_dataset if eval_dataset is not None else config.eval_dataset
+        if not config.evaluates:
+            pass  # --eval_strategy no: no eval rows, none held out
+        elif eval_path is not None:
+            self.eval_examples, _ = load_examples(eval_path, self.tokenizer, config.max_length, **load)
         elif config.eval_split > 0:
             order = list(range(len(examples)))
             random.Random(config.seed).shuffle(order)
@@ -69,14 +88,17 @@ class SFTTrainer(AdapterTrainer):
             raise DataError(f"{train_dataset}: no training rows left after holding out --eval_split {config.eval_split}")
         self.examples = examples
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        print(f"preft train sft: {train_dataset}: {report.summary()}; {len(self.eval_examples)} eval rows")
+        print(f"preft train sft: {dataset_label(train_dataset)}: {report.summary()}; {len(self.eval_examples)} eval rows")
 
     def total_steps(self) -> int:
         cfg = self.config
         if cfg.max_steps > 0:
             return cfg.max_steps
-        per_epoch = math.ceil(len(self.examples) / (cfg.per_device_train_batch_size * self.world_size))
-        return max(1, math.ceil(cfg.num_train_epochs * per_epoch / cfg.gradient_accumulation_steps))
+        return max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch()))
+
+    def steps_per_epoch(self) -> float:
+        cfg = self.config
+        return math.ceil(len(self.examples) / (cfg.per_device_train_batch_size * self.world_size)) / cfg.gradient_accumulation_steps
 
     def batch(self, examples: list[Example]) -> Batch:
         return collate([(e.prompt_ids, e.completion_ids) for e in examples], self.config.policy, self.pad_id).to(self.device)
@@ -91,38 +113,48 @@ class SFTTrainer(AdapterTrainer):
             )
             # A rank left without rows at the end of an epoch still runs (weight 0), so every rank joins the all-reduce.
             micro.append((self.batch([self.examples[i] for i in rows or [0]]), 1.0 if rows else 0.0))
-        local = sum(w * float(b.completion_mask.sum()) for b, w in micro)
-        n_tokens = int(acc.reduce(torch.tensor(local, device=self.device), "sum"))  # the whole step's tokens, every rank
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        local = [sum(w * float(b.completion_mask.sum()) for b, w in micro), sum(w * float(b.attention_mask.sum()) for b, w in micro)]
+        # The whole step's completion tokens (the loss's normaliser) and input tokens, every rank.
+        n_tokens, n_input = (int(v) for v in acc.reduce(torch.tensor(local, dtype=torch.float64, device=self.device), "sum").tolist())
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # nll, completion tokens, correct, entropy
         for j, (b, w) in enumerate(micro):
             with acc.no_sync(self.train_model) if j < accum - 1 else contextlib.nullcontext():
-                nll, _ = masked_nll_sum(self.train_model, b, self.name)
+                nll, stats = completion_loss_and_stats(self.train_model, b, self.name)
                 # DDP averages gradients over ranks: scaling by world_size makes it the sum over all tokens / n_tokens.
                 acc.backward(nll * (w * self.world_size) / n_tokens)
-            loss_sum += nll.detach().double() * w
+            sums += torch.cat([nll.detach().double().view(1), stats]) * w
         grad_norm = self.optimizer_step()
-        loss_sum = float(acc.reduce(loss_sum, "sum"))
-        return {"loss": loss_sum / n_tokens, "grad_norm": grad_norm, "tokens": n_tokens}
+        loss_sum, count, correct, entropy = acc.reduce(sums, "sum").tolist()
+        self.num_tokens += n_input
+        return {
+            "loss": loss_sum / n_tokens,
+            "grad_norm": grad_norm,
+            "num_tokens": self.num_tokens,
+            "mean_token_accuracy": correct / count,
+            "entropy": entropy / count,
+        }
 
     def eval_due(self) -> bool:
-        return bool(self.eval_examples) and self.config.eval_steps > 0 and self.step % self.config.eval_steps == 0
+        every = self.config.eval_interval(math.ceil(self.steps_per_epoch()))
+        return bool(self.eval_examples) and every > 0 and self.step % every == 0
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean completion-token cross-entropy over the eval rows (empty when there are none)."""
+        """``eval_loss`` (mean completion-token cross-entropy), ``eval_mean_token_accuracy``, ``eval_entropy``
+        over the eval rows (empty when there are none)."""
         if not self.eval_examples:
             return {}
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll sum, token count
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # nll sum, token count, correct, entropy
         bs = self.config.per_device_eval_batch_size
         mine = self.eval_examples[self.rank :: self.world_size]  # each rank scores its share
         for i in range(0, len(mine), bs):
-            nll, count = masked_nll_sum(self.model, self.batch(mine[i : i + bs]), self.name)
-            totals += torch.tensor([float(nll), count], dtype=torch.float64, device=self.device)
-        total, n = self.accelerator.reduce(totals, "sum").tolist()
-        return {"eval_loss": total / n}
+            nll, stats = completion_loss_and_stats(self.model, self.batch(mine[i : i + bs]), self.name)
+            totals += torch.cat([nll.double().view(1), stats])
+        total, n, correct, entropy = self.accelerator.reduce(totals, "sum").tolist()
+        return {"eval_loss": total / n, "eval_mean_token_accuracy": correct / n, "eval_entropy": entropy / n}
 
 
-def sft(model_dir: str | Path, dataset: str | Path, config: SFTConfig | None = None, **overrides: Any) -> TrainResult | UsersResult:
+def sft(model_dir: str | Path, dataset: Any, config: SFTConfig | None = None, **overrides: Any) -> TrainResult | UsersResult:
     """Train an adapter with SFT and return where it was saved (``result.adapter_path``) and its metrics.
 
     ``sft("models/qwen", "data.jsonl", SFTConfig(adapter="direft", r=8, max_steps=200))`` or

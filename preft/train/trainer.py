@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ STATE_NAME = "trainer_state.pt"
 class TrainResult:
     """What a finished run produced."""
 
-    adapter_path: Path  # the final adapter, PEFT/preft layout, directly servable
+    adapter_path: Path  # the final adapter (== output_dir, as TRL saves it), PEFT/preft layout, directly servable
     output_dir: Path
     steps: int
     metrics: list[dict] = field(default_factory=list)  # the rows of metrics.jsonl
@@ -102,6 +104,41 @@ def load_model(model_dir: str | Path, config: TrainConfig, device: torch.device)
     model = PreftModel(hf_model.to(device))
     model.eval()  # base dropout off; adapter dropout is switched on in train() below
     return model, tokenizer
+
+
+def enable_gradient_checkpointing(model: PreftModel) -> None:
+    """Recompute each decoder layer in the backward pass (``--gradient_checkpointing``).
+
+    transformers checkpoints a layer only while that layer is in training mode; the frozen base stays in
+    eval mode (no base dropout), so only the layers themselves are flagged as training. Non-reentrant
+    checkpointing: the inputs of a frozen base need not require grad. The adapters read the batch's mask
+    when the layer is recomputed, which is the one the forward set (each backward follows its forward).
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model.model, "supports_gradient_checkpointing", False):
+        raise PreftError(f"--gradient_checkpointing: {type(model.model).__name__} does not support gradient checkpointing")
+    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.training = True
+
+
+def save_adapter_into(model: PreftModel, name: str, folder: Path) -> Path:
+    """Write the adapter's files (``adapter_config.json``, ``adapter_model.safetensors``) into ``folder`` itself.
+
+    ``folder`` may hold other files (metrics, checkpoints), so the adapter is written to a staging folder
+    beside them and each file moved in with one rename: a reader never sees a half-written file.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder))
+    try:
+        model.save_adapter(name, str(staging / "adapter"))
+        for file in sorted((staging / "adapter").iterdir()):
+            os.replace(file, folder / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def set_adapter_dropout(model: PreftModel, training: bool) -> None:
@@ -195,6 +232,8 @@ class AdapterTrainer:
         self.name = config.adapter_name
         torch.manual_seed(config.seed)  # the adapter's init is part of the seeded run (the same on every rank)
         model.add_adapter(self.name, config.adapter_config())
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         self.params = model.adapter_parameters(self.name)
         optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         if acc.num_processes > 1:
@@ -207,11 +246,16 @@ class AdapterTrainer:
         self.output_dir = Path(config.output_dir)
         self.metrics = MetricsLog(self.output_dir, write=self.is_main)
         self.step = 0
+        self.num_tokens = 0  # TRL's num_tokens: prompt + completion tokens trained on so far, every process
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
 
     # ---- subclass interface ------------------------------------------------------------------
 
     def total_steps(self) -> int:
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> float:
+        """Optimizer steps per pass over the training rows (for TRL's ``epoch`` metric)."""
         raise NotImplementedError
 
     def training_step(self) -> dict:
@@ -243,7 +287,7 @@ class AdapterTrainer:
         cfg = self.config
         total = self.total_steps()
         updates = total * self.updates_per_step
-        warmup = int(cfg.warmup_ratio * updates)
+        warmup = cfg.warmup_updates(updates)
         schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(updates, warmup, cfg.lr_scheduler_type))
         self.scheduler = self.accelerator.prepare(schedule)
         if self.is_main:
@@ -261,7 +305,8 @@ class AdapterTrainer:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update uses
             logs = self.training_step()
             self.step += 1
-            logs["lr"] = lr
+            logs["learning_rate"] = lr
+            logs["epoch"] = self.step / self.steps_per_epoch()
             if self.eval_due() or self.step == total:
                 self.set_train(False)
                 logs.update(self.evaluate())
@@ -273,13 +318,28 @@ class AdapterTrainer:
                 self.save_checkpoint()
         bar.close()
         self.set_train(False)
-        adapter_path = self.output_dir / "adapter"
         plot = None
-        if self.is_main:
-            self.model.save_adapter(self.name, str(adapter_path))
+        if self.is_main:  # the final adapter lives in output_dir itself, as TRL/PEFT users load it
+            save_adapter_into(self.model, self.name, self.output_dir)
+            self.write_trainer_state(self.output_dir)
             plot = self.metrics.plot(self.plot_panels, self.plot_name, title=f"{cfg.adapter} r={cfg.r} policy={cfg.policy}")
         self.accelerator.wait_for_everyone()
-        return TrainResult(adapter_path, self.output_dir, self.step, list(self.metrics.rows), plot)
+        return TrainResult(self.output_dir, self.output_dir, self.step, list(self.metrics.rows), plot)
+
+    def write_trainer_state(self, folder: Path) -> None:
+        """``trainer_state.json`` as transformers writes it (global_step, epoch, log_history, ...), for tools that read it."""
+        state = {
+            "global_step": self.step,
+            "max_steps": self.total_steps(),
+            "epoch": self.step / self.steps_per_epoch(),
+            "num_train_epochs": self.config.num_train_epochs,
+            "logging_steps": self.config.logging_steps,
+            "save_steps": self.config.save_steps,
+            "train_batch_size": self.config.per_device_train_batch_size,
+            "num_input_tokens_seen": self.num_tokens,
+            "log_history": list(self.metrics.rows),
+        }
+        (folder / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
@@ -287,7 +347,8 @@ class AdapterTrainer:
         return {n: p.detach().cpu().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> Path:
-        """``checkpoint-<step>/``: the servable adapter plus everything needed to continue exactly.
+        """``checkpoint-<step>/``: the servable adapter's files (PEFT loads the folder as it is) plus everything
+        needed to continue exactly (``trainer_state.pt``) and TRL's ``trainer_state.json``.
 
         Written by the main process (the adapter is identical on every rank); the others wait for it.
         """
@@ -298,9 +359,11 @@ class AdapterTrainer:
         return path
 
     def _write_checkpoint(self, path: Path) -> None:
-        self.model.save_adapter(self.name, str(path / "adapter"))
+        self.model.save_adapter(self.name, str(path))  # a new folder holding the adapter files, in one rename
+        self.write_trainer_state(path)
         state = {
             "step": self.step,
+            "num_tokens": self.num_tokens,
             "params": self.trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -349,6 +412,7 @@ class AdapterTrainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         random.setstate(state["rng"]["python"])
         self.step = int(state["step"])
+        self.num_tokens = int(state.get("num_tokens", 0))  # 0 for checkpoints written before num_tokens was saved
 
 
 def ordered_batches(n_rows: int, batch_size: int, seed: int, index: int, rank: int = 0, world_size: int = 1) -> list[int]:

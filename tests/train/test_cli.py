@@ -11,7 +11,7 @@ def test_preft_train_sft_writes_a_servable_adapter_metrics_and_plot(tmp_path, ti
     argv = ["train", "sft", "--model", str(tiny_llama), "--dataset", str(toy_sft), "--output_dir", str(out)]
     argv += ["--adapter", "direft", "--r", "4", "--max_steps", "3", "--learning_rate", "1e-2", "--layers", "0", "--disable_tqdm"]
     assert main(argv) == 0
-    adapter = load_adapter(out / "adapter")
+    adapter = load_adapter(out)
     assert adapter.kind == "direft" and adapter.policy == "prefill" and adapter.config.layers == [0]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and (out / "loss.png").is_file()
@@ -47,8 +47,8 @@ def test_preft_train_grpo_runs_with_a_builtin_reward(tmp_path, tiny_llama):
     ]
     assert main(argv) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"reward", "reward_math", "reward_exact", "rollout_logprob_max_abs_diff"} <= set(rows[-1])
-    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "curves.png").is_file()
+    assert {"reward", "rewards/math/mean", "rewards/exact/mean", "sampling/sampling_logp_difference/max"} <= set(rows[-1])
+    assert (out / "adapter_config.json").is_file() and (out / "curves.png").is_file()
 
 
 def test_preft_train_reports_bad_data_with_file_and_line(tmp_path, tiny_llama, capsys):

@@ -83,5 +83,5 @@ def test_grpo_prompt_must_not_end_with_assistant_turn(tmp_path, tokenizer):
 
 
 def test_missing_dataset_file_is_a_clear_error(tmp_path, tokenizer):
-    with pytest.raises(DataError, match="is not a file"):
+    with pytest.raises(DataError, match="does not exist"):
         load_examples(tmp_path / "nope.jsonl", tokenizer, 64)

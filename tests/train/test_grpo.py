@@ -84,7 +84,7 @@ def test_rollout_logprobs_equal_training_logprobs_at_step_0(tmp_path, tiny_llama
         wrong_logp = token_logprobs(trainer.model, wrong, trainer.name, cfg.temperature)
     assert ((wrong_logp - rollout.rollout_logp).abs() * mask).max() > 1e-3
     # The trainer logs the same check on every step.
-    assert trainer.train().metrics[0]["rollout_logprob_max_abs_diff"] <= tol
+    assert trainer.train().metrics[0]["sampling/sampling_logp_difference/max"] <= tol
 
 
 def expected_reward(trainer) -> float:
@@ -106,7 +106,7 @@ def test_grpo_raises_mean_reward_for_the_prefill_policy(tmp_path, tiny_llama, pr
     rewards = [r["reward"] for r in result.metrics]
     assert len(rewards) == 40 and sum(rewards[-10:]) / 10 > sum(rewards[:5]) / 5  # the sampled rewards rise too
     assert result.plot_path.name == "curves.png" and result.plot_path.is_file()
-    assert max(r["rollout_logprob_max_abs_diff"] for r in result.metrics) <= 1e-5
+    assert max(r["sampling/sampling_logp_difference/max"] for r in result.metrics) <= 1e-5
 
 
 def test_kl_to_the_base_starts_at_zero_and_grows(tmp_path, tiny_llama, prompts):
@@ -119,7 +119,7 @@ def test_kl_to_the_base_starts_at_zero_and_grows(tmp_path, tiny_llama, prompts):
 def test_num_iterations_reuses_rollouts_and_activates_the_clip(tmp_path, tiny_llama, prompts):
     cfg = grpo_config(tmp_path, num_iterations=3, epsilon=0.01, max_steps=3, learning_rate=5e-2)
     result = GRPOTrainer(tiny_llama, cfg, prompts).train()
-    assert max(r["clip_ratio"] for r in result.metrics) > 0  # later passes move away from the rollout policy
+    assert max(r["clip_ratio/region_mean"] for r in result.metrics) > 0  # later passes move away from the rollout policy
 
 
 def test_batch_size_must_be_a_multiple_of_num_generations(tmp_path):

@@ -170,7 +170,7 @@ def test_training_users_jointly_gives_the_weights_of_training_each_alone(tmp_pat
         assert max_abs_diff(got, start) > 1000 * WEIGHT_ATOL
         # Its own step count and lr schedule, step by step.
         rows = joint.summaries[user]["log_history"]
-        assert [r["lr"] for r in rows] == pytest.approx([r["lr"] for r in alone.metrics], rel=1e-12)
+        assert [r["learning_rate"] for r in rows] == pytest.approx([r["learning_rate"] for r in alone.metrics], rel=1e-12)
         assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in alone.metrics], abs=1e-5)
     assert max_abs_diff(weights(joint.adapters["alice"]), weights(joint.adapters["bob"])) > 1e-2
 

@@ -29,7 +29,7 @@ def test_python_reward_is_loaded_with_trl_signature(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     reward = load_reward("python:my_rewards:length_match")
     assert reward(prompts=["a", "b"], completions=["xy", "xyz"], target_len=[2, 2]) == [1.0, 0.0]
-    assert reward_name("python:my_rewards:length_match") == "reward_length_match"
+    assert reward_name("python:my_rewards:length_match") == "length_match"
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ def test_engine_rollout_logprobs_equal_training_logprobs_at_step_0(tmp_path, tin
     assert rollout.rollout_temperature == 1.0
     assert rollout.batch.completion_mask.sum() > 8
     assert max_diff(trainer, rollout) <= TOL
-    assert trainer.train().metrics[0]["rollout_logprob_max_abs_diff"] <= TOL
+    assert trainer.train().metrics[0]["sampling/sampling_logp_difference/max"] <= TOL
 
 
 def test_engine_never_serves_stale_adapter_weights(tmp_path, tiny_llama, long_prompts):
@@ -86,7 +86,7 @@ def test_engine_backend_trains_the_toy_task(tmp_path, tiny_llama):
     before = expected_reward(trainer)
     result = trainer.train()
     assert expected_reward(trainer) > before + 0.15  # exact expected reward (noise-free), as for the hf backend
-    assert max(r["rollout_logprob_max_abs_diff"] for r in result.metrics) <= TOL
+    assert max(r["sampling/sampling_logp_difference/max"] for r in result.metrics) <= TOL
 
 
 def test_unknown_rollout_backend_is_rejected(tmp_path):
