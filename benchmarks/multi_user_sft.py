@@ -159,7 +159,7 @@ def held_out_losses(model_dir: str, eval_path: Path, joint_dir: Path, separate_d
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     out = {}
     for user in users:
-        joint, separate = load_adapter(joint_dir / user), load_adapter(separate_dir / user / "adapter")
+        joint, separate = load_adapter(joint_dir / user), load_adapter(separate_dir / user)
         model.add_adapter("joint", joint)
         model.add_adapter("separate", separate)
         rows = evals[user]

@@ -188,7 +188,9 @@ def train(user: User, args: argparse.Namespace) -> dict:
     target = args.out / user.name
     if target.exists():
         shutil.rmtree(target)
-    shutil.copytree(run_dir / "adapter", target)
+    target.mkdir(parents=True)  # the final adapter is in run_dir itself (beside metrics and checkpoints)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(run_dir / name, target / name)
     ship_bfloat16(target / "adapter_model.safetensors")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [m["loss"] for m in metrics if "loss" in m]
