@@ -2,17 +2,22 @@
 
 Reads top to bottom like gpt-fast: RMSNorm, RoPE, attention, MLP, decoder layer, causal LM.
 Module and parameter names follow transformers, so a Hugging Face ``model.safetensors`` (or a
-sharded index) loads by name. The batch is flattened (``[N]`` tokens of many sequences, no
-padding); ``AttentionMetadata`` says where each token's KV lives.
+sharded index) loads by name, except that each layer runs one ``qkv_proj`` and one ``gate_up_proj``
+matmul (vLLM's fused projections): the loader writes ``q_proj``/``k_proj``/``v_proj`` and
+``gate_proj``/``up_proj`` into row ranges of them, and the forward splits their outputs by views.
+The batch is flattened (``[N]`` tokens of many sequences, no padding); ``AttentionMetadata`` says
+where each token's KV lives.
 
 Adapters enter at two points only, both through ``AdapterBatch`` (``preft.engine.adapter_manager``):
-LoRA adds ``adapters.lora(layer, module, x)`` to a linear module's output, ReFT edits the output
+LoRA adds ``adapters.lora(layer, module, x, out)`` to a linear module's output (for a fused
+projection: into that module's columns of it, so the maths is PEFT's), ReFT edits the output
 of a decoder layer. When a step has no adapted token the runner passes ``adapters=None`` and no
 adapter code runs at all.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import mmap
@@ -86,6 +91,16 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def add_lora(adapters: AdapterBatch, layer: int, modules: tuple[str, ...], x: Tensor, outputs: tuple[Tensor, ...]) -> None:
+    """Add each module's LoRA delta into its output, a column slice (a view) of a fused projection's output.
+
+    The same maths as separate projections: module ``q_proj``'s delta lands in exactly the columns
+    ``q_proj`` would have produced. Every ``grouped_low_rank`` path adds into ``out`` in place.
+    """
+    for module, out in zip(modules, outputs):
+        adapters.lora(layer, module, x, out)
+
+
 class Attention(nn.Module):
     def __init__(self, config: Any, layer: int):
         super().__init__()
@@ -95,9 +110,9 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        # q_proj, k_proj and v_proj as one matmul (rows concatenated at load, see FUSED_PROJECTIONS).
+        self.qkv_sizes = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
+        self.qkv_proj = nn.Linear(hidden, sum(self.qkv_sizes), bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bool(getattr(config, "attention_bias", False)))
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
@@ -108,11 +123,9 @@ class Attention(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata, adapters: AdapterBatch | None
     ) -> Tensor:
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         if adapters is not None:
-            q = adapters.lora(self.layer, "q_proj", x, q)
-            k = adapters.lora(self.layer, "k_proj", x, k)
-            v = adapters.lora(self.layer, "v_proj", x, v)
+            add_lora(adapters, self.layer, ("q_proj", "k_proj", "v_proj"), x, (q, k, v))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -130,15 +143,14 @@ class MLP(nn.Module):
         super().__init__()
         self.layer = layer
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)  # gate_proj; up_proj
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: Tensor, adapters: AdapterBatch | None) -> Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         if adapters is not None:
-            gate = adapters.lora(self.layer, "gate_proj", x, gate)
-            up = adapters.lora(self.layer, "up_proj", x, up)
+            add_lora(adapters, self.layer, ("gate_proj", "up_proj"), x, (gate, up))
         h = F.silu(gate) * up
         out = self.down_proj(h)
         return adapters.lora(self.layer, "down_proj", h, out) if adapters is not None else out
@@ -225,47 +237,124 @@ def map_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, tuple[torch.dtype,
     return region, entries
 
 
+# Fused parameters and the checkpoint weights they hold, in row order (the split order of their output).
+FUSED_PROJECTIONS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Rows copied per step when a weight changes dtype or device: bounds the host-side temporary of a cast.
+COPY_CHUNK_BYTES = 64 << 20
+
+
+def checkpoint_parts(model: CausalLM) -> dict[str, list[tuple[str, int, int]]]:
+    """``parameter name -> [(checkpoint name, first row, end row)]``: where each parameter's rows come from."""
+    parts = {}
+    for name, param in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")  # e.g. "model.layers.0.self_attn.qkv_proj", "weight"
+        parent, _, module = module_path.rpartition(".")
+        if module not in FUSED_PROJECTIONS:
+            parts[name] = [(name, 0, param.shape[0])]
+            continue
+        owner = model.get_submodule(parent)
+        sizes = owner.qkv_sizes if module == "qkv_proj" else [owner.intermediate_size] * 2
+        rows = [0, *itertools.accumulate(sizes)]
+        parts[name] = [(f"{parent}.{part}.{leaf}", rows[i], rows[i + 1]) for i, part in enumerate(FUSED_PROJECTIONS[module])]
+    return parts
+
+
+def copy_rows(dest: Tensor, src: Tensor) -> None:
+    """``dest.copy_(src)`` in row chunks of ``COPY_CHUNK_BYTES``: a cast or a host-to-device copy never needs a
+    temporary of the whole weight (PyTorch casts a host tensor on the host before copying it to the device)."""
+    if src.dim() == 0 or src.numel() == 0:
+        dest.copy_(src)
+        return
+    step = max(1, COPY_CHUNK_BYTES // (src[0].numel() * src.element_size()))
+    for first in range(0, len(src), step):
+        dest[first : first + step].copy_(src[first : first + step])
+
+
+class CheckpointFiles:
+    """The safetensors files of a model, memory-mapped; a weight is read by name, as a view of its file."""
+
+    def __init__(self, model_dir: Path):
+        index = model_dir / "model.safetensors.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+        if not (model_dir / files[0]).is_file():
+            raise PreftError(f"no safetensors weights in {model_dir} (expected model.safetensors or model.safetensors.index.json)")
+        self.entries: dict[str, tuple[str, mmap.mmap, torch.dtype, tuple[int, ...], int]] = {}
+        for file in files:
+            region, entries = map_safetensors(model_dir / file)
+            for name, (dtype, shape, offset) in entries.items():
+                self.entries[name] = (file, region, dtype, shape, offset)
+
+    def view(self, name: str) -> Tensor:
+        _, region, dtype, shape, offset = self.entries[name]
+        numel = math.prod(shape)
+        return torch.frombuffer(region, dtype=dtype, count=numel, offset=offset).view(shape) if numel else torch.empty(shape, dtype=dtype)
+
+    def adjacent_view(self, names: list[str]) -> Tensor | None:
+        """The weights ``names`` as one view of their file when they are stored back to back in this order, else None."""
+        first = self.entries[names[0]]
+        end = first[4]
+        for name in names:
+            file, _, dtype, shape, offset = self.entries[name]
+            if file != first[0] or dtype != first[2] or offset != end or shape[1:] != first[3][1:]:
+                return None
+            end = offset + math.prod(shape) * dtype.itemsize
+        rows = sum(self.entries[name][3][0] for name in names)
+        numel = (end - first[4]) // first[2].itemsize
+        return torch.frombuffer(first[1], dtype=first[2], count=numel, offset=first[4]).view(rows, *first[3][1:])
+
+    def release(self, name: str) -> None:
+        """Drop the file pages of weight ``name`` from this process (unmodified file pages: nothing is lost)."""
+        _, region, dtype, shape, offset = self.entries[name]
+        page = mmap.PAGESIZE
+        first, last = -(-offset // page) * page, (offset + math.prod(shape) * dtype.itemsize) // page * page
+        if last > first and hasattr(mmap, "MADV_DONTNEED"):
+            region.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> CausalLM:
     """Build ``CausalLM`` from ``config.json`` and load its safetensors weights (single file or sharded index).
 
-    Each weight is read once, straight into its final dtype and device: no full-model copy in the
-    file's dtype first. On CPU a weight already in the wanted dtype stays a view of the memory-mapped
-    file (never written): no copy at all, and its pages are read from the page cache when first used.
-    A weight that is converted drops its mapped pages as soon as it is, so peak memory stays near
-    the converted model's size.
+    Each weight is read once, from its memory-mapped file straight into its final dtype and device,
+    in chunks of at most ``COPY_CHUNK_BYTES``: never a whole-model copy in the file's dtype, and
+    never a weight in the file's dtype on the device (a cast happens on the host, chunk by chunk).
+    ``q_proj``/``k_proj``/``v_proj`` and ``gate_proj``/``up_proj`` are written into the rows of one
+    fused weight each (``FUSED_PROJECTIONS``).
+
+    On CPU a weight already in the wanted dtype stays a view of the memory-mapped file (never
+    written): no copy at all, and its pages are read from the page cache when first used. A fused
+    weight is such a view too when its parts lie back to back in the file (``gate_proj`` then
+    ``up_proj``: the usual alphabetical layout). A weight that is copied drops its mapped pages as
+    soon as it is, so peak memory stays near the loaded model's size.
     """
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     device = torch.device(device)
     with torch.device("meta"):
         model = CausalLM(config)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    if not (model_dir / files[0]).is_file():
-        raise PreftError(f"no safetensors weights in {model_dir} (expected model.safetensors or model.safetensors.index.json)")
-    page = mmap.PAGESIZE
-    state: dict[str, Tensor] = {}
-    for file in files:
-        region, entries = map_safetensors(model_dir / file)
-        for name, (file_dtype, shape, offset) in entries.items():
-            if name not in shapes:
-                continue  # e.g. a tied lm_head.weight saved anyway
-            if shape != tuple(shapes[name]):
-                raise PreftError(f"weight {name!r} in {file} has shape {shape}, the config implies {tuple(shapes[name])}")
-            numel = math.prod(shape)
-            mapped = torch.frombuffer(region, dtype=file_dtype, count=numel, offset=offset).view(shape) if numel else torch.empty(shape)
-            if file_dtype == dtype and device.type == "cpu":
-                state[name] = mapped
-                continue
-            state[name] = mapped.to(device=device, dtype=dtype)
-            first, last = -(-offset // page) * page, (offset + numel * mapped.element_size()) // page * page
-            if last > first and hasattr(mmap, "MADV_DONTNEED"):  # unmodified file pages: dropping them loses nothing
-                region.madvise(mmap.MADV_DONTNEED, first, last - first)
-    missing = sorted(set(shapes) - set(state))
+    files = CheckpointFiles(model_dir)
+    parts = checkpoint_parts(model)
+    wanted = {part for sources in parts.values() for part, _, _ in sources}
+    missing = sorted(wanted - set(files.entries))
     if missing:
         raise PreftError(f"{model_dir} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    model.load_state_dict(state, strict=False, assign=True)  # inv_freq is not in the file (a non-persistent buffer)
+    state: dict[str, Tensor] = {}
+    for name, param in model.named_parameters():
+        sources = parts[name]
+        for part, first, end in sources:
+            shape = files.entries[part][3]
+            expected = (end - first, *param.shape[1:])
+            if shape != expected:
+                raise PreftError(f"weight {part!r} in {files.entries[part][0]} has shape {shape}, the config implies {expected}")
+        if device.type == "cpu" and all(files.entries[part][2] == dtype for part, _, _ in sources):
+            view = files.adjacent_view([part for part, _, _ in sources])
+            if view is not None:  # no copy: pages are read from the file when first used
+                state[name] = view
+                continue
+        state[name] = torch.empty(param.shape, dtype=dtype, device=device)
+        for part, first, end in sources:
+            copy_rows(state[name][first:end], files.view(part))
+            files.release(part)
+    model.load_state_dict(state, strict=True, assign=True)
     model.requires_grad_(False)
     model.inv_freq = model.inv_freq.to(device)  # RoPE frequencies stay float32 whatever the weights' dtype
     return model.eval()

@@ -19,7 +19,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ATOL = 1e-4  # float32 logits; measured ~2e-6
 
 
-def one_sequence_forward(model, ids: list[int], window: int | None = None) -> torch.Tensor:
+def one_sequence_forward(model, ids: list[int], window: int | None = None, adapters=None) -> torch.Tensor:
     """Logits of a single-sequence prefill through a fresh paged cache (block size 4)."""
     n, block_size = len(ids), 4
     blocks = -(-n // block_size)
@@ -28,9 +28,9 @@ def one_sequence_forward(model, ids: list[int], window: int | None = None) -> to
     kv = torch.zeros(2, cfg.num_hidden_layers, blocks, block_size, cfg.num_key_value_heads, head_dim)
     table = list(range(blocks))[::-1]  # non-contiguous block order
     slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(n)])
-    meta = build_metadata(slots, [0], [n], [n], [table], block_size, window)
+    meta = build_metadata(slots, [n], [n], [table], window)
     with torch.inference_mode():
-        return model.logits(model(torch.tensor(ids), torch.arange(n), kv, meta))
+        return model.logits(model(torch.tensor(ids), torch.arange(n), kv, meta, adapters))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
