@@ -2,8 +2,10 @@
 
 A decode batch runs the same kernels every step, so one graph per batch-size bucket replays it
 with almost no CPU launch overhead. Inputs are copied into static buffers; rows beyond the real
-batch point at a scratch KV block that no sequence owns. Needs the Triton decode attention
-(host-sync free). Two families of graphs share the buffers and one memory pool:
+batch point at a scratch KV block that no sequence owns. Needs the Triton paged attention
+(host-sync free; its grid depends only on the bucket, and its flash-decoding split is fixed at
+capture from the bucket and the longest context). Two families of graphs share the buffers and
+one memory pool:
 
 - **base** ``(bucket, False, False)``: steps with no adapted token (``prefill``-policy or base
   requests). Captured up front at engine start.
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from preft.engine.attention import AttentionMetadata
+from preft.engine.attention import AttentionMetadata, triton_kernel
 from preft.engine.lowrank import grouped_low_rank_reference
 
 if TYPE_CHECKING:
@@ -112,11 +114,14 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         self.buckets = sorted({b for b in (1, 2, 4, 8, *range(16, max_batch + 1, 16), max_batch) if b <= max_batch})
         size = self.buckets[-1]
-        self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
-        self.positions = torch.zeros(size, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((size,), self.scratch_slot, dtype=torch.long, device=device)
-        self.block_tables = torch.full((size, max_blocks_per_seq), scratch_block, dtype=torch.long, device=device)
-        self.context_lens = torch.ones(size, dtype=torch.long, device=device)
+        self.max_context_len = max_blocks_per_seq * block_size
+        # int32, as the runner's step buffers: the copies into these buffers convert nothing.
+        self.input_ids = torch.zeros(size, dtype=torch.int32, device=device)
+        self.positions = torch.zeros(size, dtype=torch.int32, device=device)
+        self.slot_mapping = torch.full((size,), self.scratch_slot, dtype=torch.int32, device=device)
+        self.block_tables = torch.full((size, max_blocks_per_seq), scratch_block, dtype=torch.int32, device=device)
+        self.context_lens = torch.ones(size, dtype=torch.int32, device=device)
+        self.cu_query_lens = torch.arange(size + 1, dtype=torch.int32, device=device)  # one query per row, padding rows too
         self.lora_slot = torch.full((size,), -1, dtype=torch.int32, device=device)  # int32: what the kernels read, no cast in the graph
         self.reft_slot = torch.full((size,), -1, dtype=torch.int32, device=device)
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
@@ -127,8 +132,18 @@ class DecodeGraphs:
         self.layout_version: int | None = None  # the manager's layout the adapter graphs were captured under
 
     def _meta(self, b: int) -> AttentionMetadata:
+        kernel = triton_kernel() if self.kv_cache.is_cuda else None
+        kv_heads = self.kv_cache.shape[4]
         return AttentionMetadata(
-            self.slot_mapping[:b], [], [], [], [], self.sliding_window, padded=None, decode=(self.block_tables[:b], self.context_lens[:b])
+            self.slot_mapping[:b],
+            self.cu_query_lens[: b + 1],
+            self.context_lens[:b],
+            self.block_tables[:b],
+            max_query_len=1,
+            max_context_len=self.max_context_len,
+            sliding_window=self.sliding_window,
+            # Fixed per bucket: a replay cannot change the grid. Sized for the longest context; empty splits are cheap.
+            num_kv_splits=kernel.num_kv_splits(b, kv_heads, self.max_context_len, self.kv_cache.device) if kernel else None,
         )
 
     def _forward(self, key: GraphKey) -> Tensor:

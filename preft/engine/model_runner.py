@@ -3,8 +3,9 @@
 Owns the model and the paged KV cache ``[2 (k, v), layers, blocks, block_size, kv_heads, head_dim]``.
 Per token it derives the KV slot, the position and the adapter slot (``-1`` for base requests and
 for every token the adapter's policy leaves alone, e.g. decode tokens of ``prefill`` adapters).
-On CUDA, decode steps replay CUDA graphs (``preft.engine.cuda_graphs``): adapter-free ones and
-those with `all`-policy adapters alike.
+Step inputs live in persistent buffers (``StepBuffers``): filled with NumPy, one host-to-device copy
+per step. On CUDA, decode steps replay CUDA graphs (``preft.engine.cuda_graphs``): adapter-free ones
+and those with `all`-policy adapters alike.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import math
 import mmap
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from preft.engine.adapter_manager import AdapterManager
-from preft.engine.attention import AttentionMetadata, build_metadata, decode_kernel_usable
+from preft.engine.attention import AttentionMetadata, triton_usable
 from preft.engine.cuda_graphs import DecodeGraphs
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import CausalLM, sliding_window
@@ -72,8 +74,143 @@ def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     return torch.frombuffer(region, dtype=torch.uint8).view(dtype).view(shape)  # the tensor keeps ``region`` alive
 
 
+class StepBuffers:
+    """Persistent step inputs: one packed int32 staging buffer, filled with NumPy and copied to the device at once.
+
+    Per step the staging buffer holds, back to back: input ids [N], positions [N], slot mapping [N],
+    cu_query_lens [B + 1], context lens [B], logits rows [L], block tables [B, W] (W: the step's widest
+    table). On CUDA it is pinned and double-buffered (the next step may fill one while the last copy of
+    the other is in flight), and the copy is non-blocking; on CPU the views are the staging buffer itself.
+
+    Block tables are kept per sequence in persistent host rows (``tables``): a row is rewritten only
+    when its sequence's table was replaced (admission, preemption), and extended by the blocks
+    appended since the last step; the block manager only ever appends to a table or replaces it.
+    """
+
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device):
+        self.block_size = block_size
+        self.device = device
+        self.tables = np.zeros((2 * max_num_seqs, max_blocks_per_seq), dtype=np.int32)  # rows of live sequences, then spares
+        self.row_of: dict[int, int] = {}  # seq_id -> row of ``tables``
+        self.row_table: list[list[int] | None] = [None] * len(self.tables)  # the block_table list a row was copied from
+        self.row_len = [0] * len(self.tables)  # how much of that list the row holds
+        self.free_rows = list(range(len(self.tables) - 1, -1, -1))
+        self._allocate(3 * max_num_tokens + 3 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq)
+
+    def _allocate(self, size: int) -> None:
+        pinned = self.device.type == "cuda"
+        self.staging = [torch.zeros(size, dtype=torch.int32, pin_memory=pinned) for _ in range(2 if pinned else 1)]
+        self.copied = [torch.cuda.Event() for _ in self.staging] if pinned else []  # the copy out of each staging buffer
+        self.on_device = torch.zeros(size, dtype=torch.int32, device=self.device) if pinned else self.staging[0]
+        self.turn = 0
+
+    def _reserve_rows(self, batch: list[ScheduledSeq]) -> None:
+        """Room for every sequence of ``batch``: rows of sequences not in it go back (finished, preempted, waiting)."""
+        if len(self.free_rows) >= len(batch):
+            return
+        if 2 * len(batch) > len(self.tables):
+            extra = 2 * len(batch) - len(self.tables)
+            self.tables = np.pad(self.tables, ((0, extra), (0, 0)))
+            self.row_table += [None] * extra
+            self.row_len += [0] * extra
+            self.free_rows += range(len(self.tables) - 1, len(self.tables) - 1 - extra, -1)
+        live = {item.seq.seq_id for item in batch}
+        for seq_id in [i for i in self.row_of if i not in live]:
+            row = self.row_of.pop(seq_id)
+            self.row_table[row] = None
+            self.row_len[row] = 0
+            self.free_rows.append(row)
+
+    def _row(self, seq: Sequence) -> int:
+        """``seq``'s row of ``tables``, brought up to date with its block table."""
+        row = self.row_of.get(seq.seq_id)
+        if row is None:
+            row = self.row_of[seq.seq_id] = self.free_rows.pop()
+        table, written = seq.block_table, self.row_len[row]
+        if self.row_table[row] is not table or written > len(table):  # a new table: rewrite the row
+            written = 0
+            self.row_table[row] = table
+        if written < len(table):
+            if len(table) > self.tables.shape[1]:
+                self.tables = np.pad(self.tables, ((0, 0), (0, len(table) - self.tables.shape[1])))
+            self.tables[row, written : len(table)] = table[written:]
+            self.row_len[row] = len(table)
+        return row
+
+    def fill(self, batch: list[ScheduledSeq], sliding_window: int | None) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
+        """``(input_ids, positions, attention metadata, logits rows)`` of a step, on the device."""
+        num_seqs = len(batch)
+        self._reserve_rows(batch)
+        input_ids: list[int] = []
+        starts, ends, rows, samples = [], [], [], []
+        for item in batch:
+            seq, start = item.seq, item.start
+            end = start + item.num_new_tokens
+            input_ids += seq.token_ids[start:end]
+            starts.append(start)
+            ends.append(end)
+            rows.append(self._row(seq))
+            samples.append(end == seq.num_tokens)
+        starts, ends, rows = np.array(starts), np.array(ends), np.array(rows)
+        query_lens = ends - starts
+        num_tokens, bs = len(input_ids), self.block_size
+        cu_query_lens = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=cu_query_lens[1:])
+        positions = np.arange(num_tokens) + np.repeat(starts - cu_query_lens[:-1], query_lens)
+        token_rows = np.repeat(rows, query_lens)
+        slot_mapping = self.tables[token_rows, positions // bs] * bs + positions % bs
+        width = -(-int(ends.max()) // bs)
+        logits_rows = cu_query_lens[1:][np.array(samples)] - 1
+
+        sizes = (num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_rows), num_seqs * width)
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        if offsets[-1] > len(self.on_device):
+            self._allocate(int(offsets[-1]) * 2)
+        staging = self.staging[self.turn]
+        if self.copied:
+            self.copied[self.turn].synchronize()  # its previous copy has left
+        host = staging.numpy()
+        parts = [host[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        parts[0][:] = input_ids
+        parts[1][:] = positions
+        parts[2][:] = slot_mapping
+        parts[3][:] = cu_query_lens
+        parts[4][:] = ends
+        parts[5][:] = logits_rows
+        tables = parts[6].reshape(num_seqs, width)
+        tables[:] = self.tables[rows, :width]
+        device = self.on_device
+        if self.copied:
+            device[: offsets[-1]].copy_(staging[: offsets[-1]], non_blocking=True)
+            self.copied[self.turn].record()
+            self.turn = 1 - self.turn
+        views = [device[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        meta = AttentionMetadata(
+            slot_mapping=views[2],
+            cu_query_lens=views[3],
+            context_lens=views[4],
+            block_tables=views[6].view(num_seqs, width),
+            max_query_len=int(query_lens.max()),
+            max_context_len=int(ends.max()),
+            sliding_window=sliding_window,
+            host=(parts[3], parts[4], tables),
+        )
+        return views[0], views[1], meta, views[5]
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, adapters: AdapterManager, num_blocks: int, block_size: int):
+    def __init__(
+        self,
+        model: CausalLM,
+        adapters: AdapterManager,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+    ):
+        """The step-input buffers are sized for ``max_num_seqs`` sequences, ``max_num_batched_tokens`` tokens and
+        ``max_model_len`` (default: the model's context) per sequence; a larger step grows them."""
         config = model.config
         self.model = model
         self.adapters = adapters
@@ -90,11 +227,13 @@ class ModelRunner:
         self.guided: GuidedDecoding | None = None  # set by the engine: structured-output bitmasks
         self.sliding_window = sliding_window(config)
         self.graphs: DecodeGraphs | None = None
-        self.decode_kernel = decode_kernel_usable(self.device, block_size)
+        self.triton_attention = triton_usable(self.device)
+        max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 4096
+        self.inputs = StepBuffers(max_num_batched_tokens, max_num_seqs, -(-max_model_len // block_size), block_size, self.device)
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for decode steps, adapter-free or with `all`-policy adapters (CUDA with Triton only); True if in use."""
-        if not self.decode_kernel:
+        if not self.triton_attention:
             return False
         graphs = DecodeGraphs(
             self.model, self.kv_cache, max_batch, -(-max_model_len // self.block_size), self.num_blocks, self.sliding_window, self.adapters
@@ -105,26 +244,9 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, AttentionMetadata, list[int]]:
-        input_ids, positions, slot_mapping, logits_rows = [], [], [], []
-        query_starts, query_lens, context_lens, block_tables = [], [], [], []
-        bs = self.block_size
-        for item in batch:
-            seq, start, end = item.seq, item.start, item.end
-            query_starts.append(len(input_ids))
-            query_lens.append(end - start)
-            context_lens.append(end)
-            input_ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            table = seq.block_table
-            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
-            block_tables.append(table[: -(-end // bs)])
-            if item.samples:
-                logits_rows.append(len(input_ids) - 1)
-        meta = build_metadata(
-            self._tensor(slot_mapping), query_starts, query_lens, context_lens, block_tables, bs, self.sliding_window, self.decode_kernel
-        )
-        return self._tensor(input_ids), self._tensor(positions), meta, logits_rows
+    def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
+        """``(input_ids [N], positions [N], attention metadata, logits rows)`` of a step, on the model's device (int32)."""
+        return self.inputs.fill(batch, self.sliding_window)
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):
         """Per-token adapter slots; None when no token of the step is adapted."""
@@ -154,13 +276,13 @@ class ModelRunner:
         input_ids, positions, meta, logits_rows = self.prepare(batch)
         adapters = self.prepare_adapters(batch, len(input_ids))
         hidden = None
-        if self.graphs is not None and meta.decode is not None:  # decode step: replay (base model, or with `all` adapters)
-            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, *meta.decode, adapters)
+        if self.graphs is not None and meta.max_query_len == 1:  # decode step: replay (base model, or with `all` adapters)
+            hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, adapters)
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
-        if not logits_rows:
+        if not len(logits_rows):
             return []
-        logits = self.model.logits(hidden[self._tensor(logits_rows)])
+        logits = self.model.logits(hidden[logits_rows])
         seqs = [item.seq for item in batch if item.samples]
         finite = torch.isfinite(logits).all(dim=-1)
         if not bool(finite.all()):  # greedy argmax would silently pick garbage; sampling would raise mid-batch

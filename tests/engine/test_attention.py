@@ -1,56 +1,85 @@
-"""Grouped padded attention: the groups cover every sequence once, keep padding small, and compute exactly
-what one unpadded SDPA call per sequence computes."""
+"""The PyTorch varlen paged attention (CPU, and the CUDA fallback) equals the reference on every case of ``CASES``,
+with the default tiles and with tiny ones (many query tiles and key blocks per sequence); its plan pads nothing to the
+longest context, and the dispatcher falls back from a failing Triton kernel once, loudly."""
 
 from __future__ import annotations
 
-import random
+import logging
+import types
 
+import numpy as np
 import pytest
 import torch
+from attention_reference import CASES, TOLERANCE, Case, max_error, random_step, reference_paged_attention
 
 from preft.engine import attention
-from preft.engine.attention import build_metadata, paged_attention, plan_groups
-
-BLOCK = 4
+from preft.engine.attention import build_metadata, paged_attention, plan_tiles, torch_paged_attention
 
 
-def test_groups_separate_prefill_chunks_from_decodes_and_short_from_long_contexts():
-    query_lens = [1, 1, 1, 1, 1, 32, 1]
-    context_lens = [300, 40, 290, 50, 45, 64, 296]
-    groups = plan_groups(query_lens, context_lens, 16)
-    assert sorted(i for g in groups for i in g) == list(range(7))
-    assert [5] in groups  # a prefill chunk is not padded together with decodes
-    assert {frozenset(g) for g in groups} == {frozenset([5]), frozenset([0, 6, 2]), frozenset([3, 4, 1])}
+def torch_attention(q, k_cache, v_cache, case: Case, tables):
+    meta = build_metadata(
+        torch.zeros(q.shape[0], dtype=torch.int32), list(case.query_lens), list(case.context_lens), tables, case.sliding_window
+    )
+    return torch_paged_attention(q, k_cache, v_cache, meta, case.head_dim**-0.5)
 
 
-def test_groups_pad_little_and_a_short_batch_stays_one_group():
-    rng = random.Random(0)
-    query_lens = [rng.choice([1, 1, 1, 7, 30]) for _ in range(64)]
-    context_lens = [q + rng.randint(0, 400) for q in query_lens]
-    for group in plan_groups(query_lens, context_lens, 16):
-        padded = len(group) * max(query_lens[i] for i in group) * max(-(-context_lens[i] // 16) * 16 for i in group)
-        real = sum(query_lens[i] * -(-context_lens[i] // 16) * 16 for i in group)
-        assert len(group) == 1 or padded <= attention.GROUP_PADDING_RATIO * real + attention.GROUP_SLACK_SCORES
-    assert len(plan_groups([1] * 64, [33 + i % 15 for i in range(64)], 16)) == 1  # all within the same 3 blocks
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_torch_paged_attention_matches_reference(monkeypatch, case, tiles):
+    if tiles == "tiny":  # KEY_BLOCK below the block size rounds up to one cache block (4 or 8 keys)
+        monkeypatch.setattr(attention, "Q_TILE", 4)
+        monkeypatch.setattr(attention, "KEY_BLOCK", 1)
+    assert max_error(case, torch_attention) <= TOLERANCE[case.dtype]
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_grouped_attention_equals_one_call_per_sequence(window):
-    torch.manual_seed(0)
-    rng = random.Random(1)
-    heads, kv_heads, head_dim, num_blocks = 4, 2, 8, 200
-    k_cache, v_cache = torch.randn(2, num_blocks, BLOCK, kv_heads, head_dim).unbind(0)
-    query_lens = [1, 1, 9, 1, 3, 1, 1, 17, 1]
-    context_lens = [q + rng.randint(0, 60) for q in query_lens]
-    free = list(range(num_blocks))
-    rng.shuffle(free)
-    tables = [[free.pop() for _ in range(-(-c // BLOCK))] for c in context_lens]
-    starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
-    q = torch.randn(sum(query_lens), heads, head_dim)
-    slots = torch.zeros(sum(query_lens), dtype=torch.long)  # not used by attention itself
-    meta = build_metadata(slots, starts, query_lens, context_lens, tables, BLOCK, window)
-    assert len(meta.padded) > 1
-    grouped = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
-    meta.padded = None  # the reference: one SDPA call per sequence, nothing padded
-    per_sequence = paged_attention(q, k_cache, v_cache, meta, head_dim**-0.5)
-    assert (grouped - per_sequence).abs().max().item() < 1e-5
+def test_each_tile_reads_only_the_key_blocks_it_reaches(monkeypatch):
+    """A decode next to a long context is not padded to it, and a prefill tile skips the blocks above its diagonal."""
+    monkeypatch.setattr(attention, "Q_TILE", 16)
+    monkeypatch.setattr(attention, "KEY_BLOCK", 16)
+    context_lens = [5, 300, 64]  # query lens 1, 1, 64
+    width = -(-max(context_lens) // 4)
+    plan = plan_tiles(np.array([0, 1, 2, 66]), np.array(context_lens), np.zeros((3, width), dtype=np.int32), 4, None, torch.device("cpu"))
+    assert sorted(c.q for c in plan) == [1, 16]
+    decodes = next(c for c in plan if c.q == 1)
+    assert [b.num_tiles for b in decodes.key_blocks] == [2] + [1] * 18  # the 5-token context reads one block of 16 keys
+    prefill = next(c for c in plan if c.q == 16)
+    assert [b.num_tiles for b in prefill.key_blocks] == [4, 3, 2, 1]  # tile i reads blocks 0..i: causal, nothing above
+    assert all(b.masked is not None for b in prefill.key_blocks)  # each block holds one tile's diagonal
+    assert prefill.key_blocks[0].masked.shape == (4, 16, 16)  # masks are per tile and key block, never [B, Q, K]
+    assert decodes.key_blocks[1].masked is None  # the 300-token decode sees all of keys 16..31
+
+
+def test_a_window_query_that_sees_no_key_of_a_block_stays_finite(monkeypatch):
+    monkeypatch.setattr(attention, "KEY_BLOCK", 4)
+    q, k, v, tables = random_step([3, 1], [40, 33], 2, 1, 8, 4)
+    meta = build_metadata(torch.zeros(4, dtype=torch.int32), [3, 1], [40, 33], tables, sliding_window=3)
+    got = torch_paged_attention(q, k, v, meta, 0.5)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, reference_paged_attention(q, k, v, [3, 1], [40, 33], tables, 0.5, 3), rtol=0, atol=1e-5)
+
+
+def test_metadata_is_planned_once_per_step():
+    q, k, v, tables = random_step([5, 1], [9, 12], 4, 2, 8, 4)
+    meta = build_metadata(torch.zeros(6, dtype=torch.int32), [5, 1], [9, 12], tables)
+    first = torch_paged_attention(q, k, v, meta, 0.3)
+    plan = meta.plan
+    assert torch.equal(torch_paged_attention(q, k, v, meta, 0.3), first) and meta.plan is plan  # the next layer reuses it
+
+
+def test_failing_triton_kernel_falls_back_to_pytorch_once_and_loudly(monkeypatch, caplog):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no compiler for this GPU")
+
+    monkeypatch.setattr(attention, "_TRITON_KERNEL", [types.SimpleNamespace(paged_attention=broken)])
+    q, k, v, tables = random_step([3, 1], [7, 5], 4, 2, 8, 4)
+    meta = build_metadata(torch.zeros(4, dtype=torch.int32), [3, 1], [7, 5], tables)
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.setattr(attention, "torch_paged_attention", lambda *args: torch.zeros(1))
+    with caplog.at_level(logging.WARNING, logger="preft.engine.attention"):
+        paged_attention(cuda_like, k, v, meta, 0.3)
+        paged_attention(cuda_like, k, v, meta, 0.3)
+    assert len(calls) == 1 and attention.triton_kernel() is None
+    assert caplog.text.count("Triton paged attention failed") == 1 and "no compiler for this GPU" in caplog.text

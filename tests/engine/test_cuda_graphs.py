@@ -1,7 +1,7 @@
 """The decode-graph plumbing (static buffers, batch buckets, scratch rows) on CPU.
 
-Real capture needs CUDA; here a graph "replay" re-runs the forward on the static buffers, and the
-Triton decode kernel is stood in for by a PyTorch one, so what is checked is everything around
+Real capture needs CUDA; here a graph "replay" re-runs the forward on the static buffers, and
+attention takes the PyTorch path (on the graphs' metadata), so what is checked is everything around
 the graph: inputs copied in, padding rows sent to the scratch block, outputs sliced back, and
 which graph a step replays (base model, or with `all`-policy adapters), the per-token adapter slot
 buffers (padding rows -1), invalidation and lazy recapture when the adapter stacks are reallocated,
@@ -17,24 +17,11 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from engine_helpers import VOCAB, adapter_name, assert_matches_reference, full_logprobs
 
-import preft.engine.attention as attention
 from preft.engine import LLM, SamplingParams
-from preft.engine.attention import AttentionMetadata, causal_mask
+from preft.engine.attention import build_metadata
 from preft.engine.cuda_graphs import DecodeGraphs
-
-
-def torch_paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window=None):
-    k = k_cache[block_tables].flatten(1, 2)
-    v = v_cache[block_tables].flatten(1, 2)
-    key_pos = torch.arange(k.shape[1])
-    mask = causal_mask((context_lens - 1)[:, None], key_pos[None, :], sliding_window)
-    o = F.scaled_dot_product_attention(
-        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None], scale=scale, enable_gqa=True
-    )
-    return o.squeeze(2)
 
 
 class ReplayByRerun(DecodeGraphs):
@@ -78,7 +65,6 @@ class ReplayWithoutAdapters(ReplayByRerun):
 
 def install_graphs(llm, cls=ReplayByRerun):
     runner = llm.engine.runner
-    runner.decode_kernel = True
     runner.graphs = cls(runner.model, runner.kv_cache, 12, 16, runner.num_blocks, runner.sliding_window, runner.adapters)
     assert runner.graphs.capture()
     runner.graphs.replays.clear()
@@ -87,10 +73,7 @@ def install_graphs(llm, cls=ReplayByRerun):
 
 
 @pytest.fixture
-def graphed_llm(tiny_checkpoint, family_pair, monkeypatch):
-    monkeypatch.setattr(
-        attention, "_TRITON_DECODE", [types.SimpleNamespace(paged_decode_attention=torch_paged_decode, supported=lambda bs: True)]
-    )
+def graphed_llm(tiny_checkpoint, family_pair):
     _, ref = family_pair("qwen3")
     llm = LLM(tiny_checkpoint("qwen3"), dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_num_seqs=12, max_model_len=64)
     install_graphs(llm)
@@ -157,7 +140,7 @@ def test_adapter_slot_buffers_and_padding_rows(graphed_llm):
             assert graphs.lora_slot[:n].tolist() == lora_slot.tolist()
             assert graphs.lora_slot[n:8].tolist() == [-1] * 3
             assert graphs.slot_mapping[n:8].tolist() == [graphs.scratch_slot] * 3
-            meta = AttentionMetadata(slots, [], [], [], [], None, padded=None, decode=(tables, ctx))
+            meta = build_metadata(slots, [1] * n, ctx.tolist(), tables.tolist())
             eager = runner.model(ids, pos, runner.kv_cache, meta, manager.batch(lora_slot, {sa, sb}, None, set()))
             base = runner.model(ids, pos, runner.kv_cache, meta, None)
             assert (eager - base).abs().max() > 1e-2  # the adapters matter here
@@ -208,10 +191,7 @@ def test_stack_growth_invalidates_and_recaptures(graphed_llm):
     assert graphs.versions and all(captured == now for captured, now in graphs.versions)  # no replay of a stale graph
 
 
-def test_failed_adapter_self_check_falls_back_to_eager(tiny_checkpoint, family_pair, monkeypatch, caplog):
-    monkeypatch.setattr(
-        attention, "_TRITON_DECODE", [types.SimpleNamespace(paged_decode_attention=torch_paged_decode, supported=lambda bs: True)]
-    )
+def test_failed_adapter_self_check_falls_back_to_eager(tiny_checkpoint, family_pair, caplog):
     _, ref = family_pair("qwen3")
     llm = LLM(tiny_checkpoint("qwen3"), dtype="float32", device="cpu", block_size=4, num_kv_blocks=128, max_num_seqs=12, max_model_len=64)
     graphs = install_graphs(llm, ReplayWithoutAdapters)
