@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -85,3 +87,107 @@ def test_grpo_prompt_must_not_end_with_assistant_turn(tmp_path, tokenizer):
 def test_missing_dataset_file_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(DataError, match="does not exist"):
         load_examples(tmp_path / "nope.jsonl", tokenizer, 64)
+
+
+# ---- TRL's formats and sources (read with the datasets library) --------------------------------
+
+CHAT_PROMPT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+
+
+def test_conversational_prompt_completion_row_splits_where_the_server_prefills(tmp_path, tokenizer):
+    row = {"prompt": CHAT_PROMPT, "completion": [{"role": "assistant", "content": "FINAL"}]}
+    [ex], _ = load_examples(write_jsonl(tmp_path / "c.jsonl", [row]), tokenizer, max_length=256)
+    # The prompt is exactly what /v1/chat/completions prefills for that chat (template + generation prompt, no extra BOS).
+    served = tokenizer.apply_chat_template(CHAT_PROMPT, tokenize=False, add_generation_prompt=True)
+    assert ex.prompt_ids == tokenizer.encode(served, add_special_tokens=False)
+    assert tokenizer.decode(ex.completion_ids).startswith("FINAL<|im_end|>")
+    assert tokenizer.decode(ex.prompt_ids + ex.completion_ids) == tokenizer.apply_chat_template(
+        row["prompt"] + row["completion"], tokenize=False
+    )
+    # the same conversation as a messages row gives the same tokens
+    [same], _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": row["prompt"] + row["completion"]}]), tokenizer, 256)
+    assert (same.prompt_ids, same.completion_ids) == (ex.prompt_ids, ex.completion_ids)
+
+
+def test_conversational_prompt_only_row_is_a_grpo_prompt(tmp_path, tokenizer):
+    [ex], _ = load_examples(
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": CHAT_PROMPT, "answer": "4"}]), tokenizer, 256, needs_completion=False
+    )
+    assert tokenizer.decode(ex.prompt_ids).endswith("<|im_start|>assistant\n") and ex.completion_ids == []
+    assert ex.prompt == CHAT_PROMPT and ex.columns == {"answer": "4"}
+
+
+def test_text_row_prefills_the_first_token_and_learns_the_rest(tmp_path, tokenizer):
+    [ex], _ = load_examples(write_jsonl(tmp_path / "t.jsonl", [{"text": "hello world"}]), tokenizer, max_length=64)
+    ids = tokenizer("hello world")["input_ids"]
+    assert ex.prompt_ids == ids[:1] and ex.completion_ids == ids[1:] + [tokenizer.eos_token_id]
+    [other], _ = load_examples(write_jsonl(tmp_path / "o.jsonl", [{"body": "hello world"}]), tokenizer, 64, text_field="body")
+    assert other.prompt_ids + other.completion_ids == ex.prompt_ids + ex.completion_ids
+
+
+def test_mixed_row_formats_in_one_file_each_load(tmp_path, tokenizer):
+    rows = [
+        {"prompt": "ab", "completion": "cd"},
+        {"prompt": CHAT_PROMPT, "completion": [{"role": "assistant", "content": "x"}]},
+        {"messages": [*CHAT_PROMPT, {"role": "assistant", "content": "y"}]},
+        {"text": "plain"},
+    ]
+    examples, report = load_examples(write_jsonl(tmp_path / "mixed.jsonl", rows), tokenizer, 256)
+    assert report.rows == 4 and [e.source.rsplit(":", 1)[1] for e in examples] == ["1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".json", ".jsonl"])
+def test_every_file_type_datasets_reads_gives_the_same_examples(tmp_path, tokenizer, suffix):
+    from datasets import Dataset
+
+    rows = [{"prompt": "ab", "completion": "cd"}, {"prompt": "ef", "completion": "gh"}]
+    path = tmp_path / f"d{suffix}"
+    data = Dataset.from_list(rows)
+    {".parquet": data.to_parquet, ".csv": data.to_csv, ".json": lambda p: data.to_json(p, lines=False), ".jsonl": data.to_json}[suffix](
+        str(path)
+    )
+    examples, _ = load_examples(path, tokenizer, 64)
+    want, _ = load_examples(rows, tokenizer, 64)
+    assert [(e.prompt_ids, e.completion_ids) for e in examples] == [(e.prompt_ids, e.completion_ids) for e in want]
+    assert examples[1].source.endswith(":2" if suffix == ".jsonl" else "row 2")
+
+
+def test_dataset_folders_and_objects_load_by_split(tmp_path, tokenizer):
+    from datasets import Dataset, DatasetDict
+
+    from preft.train.data import open_dataset, pick_split
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"prompt": "ab", "completion": "cd"}] * 3)
+    write_jsonl(folder / "test.jsonl", [{"prompt": "ef", "completion": "gh"}])
+    loaded = open_dataset(folder)
+    assert sorted(loaded) == ["test", "train"] and len(pick_split(loaded, "train", "data")) == 3
+    test, _ = load_examples(folder, tokenizer, 64, split="test")
+    assert [tokenizer.decode(e.prompt_ids) for e in test] == ["ef"]
+    saved = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_list([{"text": "xyz"}])}).save_to_disk(str(saved))
+    [ex], _ = load_examples(saved, tokenizer, 64)
+    assert tokenizer.decode(ex.prompt_ids + ex.completion_ids[:-1]) == "xyz"
+    with pytest.raises(DataError, match=r"no split 'validation' \(splits: \['test', 'train'\]\)"):
+        pick_split(loaded, "validation", "data")
+
+
+@pytest.mark.parametrize(
+    "row,reason",
+    [
+        ({"prompt": [{"role": "user", "content": "q"}], "completion": "a string"}, "needs a conversational 'completion'"),
+        ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "needs a string 'completion'"),
+        ({"prompt": [{"content": "no role"}], "completion": "a"}, "'prompt' must be a non-empty string or a non-empty list"),
+        ({"text": ""}, "'text' must be a non-empty string"),
+    ],
+)
+def test_bad_trl_rows_name_the_problem(tmp_path, tokenizer, row, reason):
+    with pytest.raises(DataError, match=re.escape(reason)):
+        load_examples(write_jsonl(tmp_path / "bad.jsonl", [row]), tokenizer, 64)
+
+
+def test_unknown_file_type_is_a_clear_error(tmp_path, tokenizer):
+    (tmp_path / "d.txt").write_text("hello\n")
+    with pytest.raises(DataError, match=r"unknown file type '\.txt'"):
+        load_examples(tmp_path / "d.txt", tokenizer, 64)

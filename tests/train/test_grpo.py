@@ -3,7 +3,7 @@ import torch
 
 from preft.train import GRPOConfig, GRPOTrainer, token_logprobs
 from preft.train.data import collate
-from preft.train.grpo import clipped_token_loss, group_advantages, k3_kl
+from preft.train.grpo import clipped_token_loss, group_advantages, k3_kl, normalise_loss
 
 from .conftest import write_jsonl
 
@@ -138,3 +138,94 @@ def test_grpo_resume_continues_identically(tmp_path, tiny_llama, prompts):
     resumed = GRPOTrainer(tiny_llama, grpo_config(tmp_path / "b", resume_from_checkpoint="latest", **kw), prompts).train()
     for key in ("loss", "reward", "grad_norm"):
         assert [r[key] for r in resumed.metrics] == pytest.approx([r[key] for r in full.metrics], abs=1e-6), key
+
+
+# ---- TRL's loss types, reward weights, truncated completions, metric names --------------------
+
+
+def test_loss_types_normalise_as_trl_documents_on_a_hand_computed_example():
+    # Two micro-batches of a step; max_completion_length 3. Token losses (0 = no token):
+    #   A: completion 1 [1, 2, 3], completion 2 [4]; B: completion 3 [6, 6], completion 4 truncated and masked
+    per_token = [torch.tensor([[1.0, 2, 3], [4, 0, 0]]), torch.tensor([[6.0, 6, 0], [5, 5, 5]])]
+    masks = [torch.tensor([[1.0, 1, 1], [1, 0, 0]]), torch.tensor([[1.0, 1, 0], [0, 0, 0]])]
+    counts = {"tokens": 6.0, "completions": 4.0, "micro_batches": 2.0}
+    want = {
+        "grpo": (2 + 4 + 6 + 0) / 4,  # completion means 2, 4, 6, 0 (masked), averaged over the 4 completions
+        "bnpo": ((1 + 2 + 3 + 4) / 4 + 12 / 2) / 2,  # micro-batch token means 2.5 and 6, averaged
+        "dr_grpo": 22 / (4 * 3),  # token sum / (completions x max_completion_length)
+        "dapo": 22 / 6,  # token sum / the step's tokens
+    }
+    real = torch.ones(2)
+    for loss_type, expected in want.items():
+        got = sum(float(normalise_loss(p, m, real, loss_type, counts, 3)) for p, m in zip(per_token, masks))
+        assert got == pytest.approx(expected, abs=1e-6), loss_type
+    assert len(set(round(v, 6) for v in want.values())) == 4  # the example tells the four apart
+
+
+def fake_rollouts(trainer, tokens_for_row):
+    """Replace the generator by fixed completions (row i gets tokens_for_row(i)), with log-probs 0."""
+
+    def generate(prompt_ids, seed):
+        tokens = [tokens_for_row(i) for i in range(len(prompt_ids))]
+        return tokens, [torch.zeros(len(t)) for t in tokens], trainer.config.temperature
+
+    trainer.generate_rollouts = generate
+
+
+@pytest.mark.parametrize("mask_truncated", [False, True])
+def test_reward_weights_weight_the_rewards_and_truncated_completions_can_be_masked(tmp_path, tiny_llama, prompts, mask_truncated):
+    cfg = grpo_config(
+        tmp_path,
+        reward_funcs=["regex:^a", "regex:b"],
+        reward_weights=[2.0, -1.0],
+        mask_truncated_completions=mask_truncated,
+        max_completion_length=2,
+        max_steps=1,
+    )
+    trainer = GRPOTrainer(tiny_llama, cfg, prompts)
+    tok = trainer.tokenizer
+    a, b = tok.convert_tokens_to_ids("a"), tok.convert_tokens_to_ids("b")
+    # even rows: "a" then EOS (terminated); odd rows: "bb" (cut at max_completion_length 2: truncated)
+    fake_rollouts(trainer, lambda i: [a, tok.eos_token_id] if i % 2 == 0 else [b, b])
+    ro = trainer.rollout(0)
+    assert ro.rewards["regex"].tolist() == [1.0, 0.0] * 8 and ro.rewards["regex_2"].tolist() == [0.0, 1.0] * 8
+    assert ro.rewards["reward"].tolist() == [2.0, -1.0] * 8  # 2 * regex - 1 * regex_2
+    assert ro.truncated.tolist() == [0.0, 1.0] * 8
+    lengths = ro.batch.completion_mask.sum(1).tolist()
+    assert lengths == ([2.0, 0.0] * 8 if mask_truncated else [2.0, 2.0] * 8)
+    assert (ro.advantages[1::2] < 0).all()  # a masked completion's reward still counts in its group's advantages
+    logs = trainer.train().metrics[0]
+    assert logs["reward"] == pytest.approx(0.5) and logs["rewards/regex/mean"] == 0.5 and logs["rewards/regex_2/mean"] == 0.5
+    assert logs["completions/clipped_ratio"] == 0.5 and logs["completions/mean_length"] == 2.0
+    assert logs["frac_reward_zero_std"] == 0.0
+
+
+def test_grpo_logs_trl_metric_names(tmp_path, tiny_llama, prompts):
+    metrics = GRPOTrainer(tiny_llama, grpo_config(tmp_path, beta=0.1, max_steps=2), prompts).train().metrics
+    trl_names = {
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "num_tokens",
+        "reward",
+        "reward_std",
+        "rewards/regex/mean",
+        "rewards/regex/std",
+        "frac_reward_zero_std",
+        "completions/mean_length",
+        "completions/min_length",
+        "completions/max_length",
+        "completions/clipped_ratio",
+        "completions/mean_terminated_length",
+        "kl",
+        "clip_ratio/region_mean",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "sampling/sampling_logp_difference/mean",
+        "sampling/sampling_logp_difference/max",
+    }
+    assert trl_names <= set(metrics[0]), trl_names - set(metrics[0])
+    # 16 completions of (prompt + 2 tokens) per step: num_tokens counts every prompt and completion token so far
+    assert metrics[1]["num_tokens"] > metrics[0]["num_tokens"] > 16 * 2
+    assert metrics[1]["epoch"] == pytest.approx(2 * metrics[0]["epoch"])
