@@ -141,12 +141,17 @@ class AdapterManager:
 
     # ---- registry ----------------------------------------------------------------------------
 
-    def add(self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None) -> AdapterInfo:
-        """Register ``name`` from a directory or an ``Adapter``; validated against the base model now."""
+    def add(
+        self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None, path: str | os.PathLike | None = None
+    ) -> AdapterInfo:
+        """Register ``name`` from a directory or an ``Adapter``; validated against the base model now.
+
+        An ``Adapter`` stays pinned in host memory, unless ``path`` names the folder it was read from: then
+        it is cached like one read here, and re-read (its content hash checked) after an eviction."""
         if name in self.entries:
             raise PreftError(f"adapter {name!r} is already registered; remove it first or pick another name")
         if isinstance(source, Adapter):
-            adapter, path = source.with_policy(policy), None
+            adapter, path = source.with_policy(policy), None if path is None else str(path)
             adapter.validate(self.model_config)
         else:
             path = str(source)

@@ -14,6 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
+from preft.server.limits import ServerLimits
+
 logger = logging.getLogger("preft.server")
 
 
@@ -73,6 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "'auto' the model's generation_config.json, 'vllm' none (OpenAI/vLLM defaults), or a folder holding a generation_config.json",
     )
     parser.add_argument("--no-default-adapters", action="store_true", help="with no MODEL_DIR, do not load the built-in demo adapters")
+    parser.add_argument(
+        "--protect-startup-adapters", action="store_true", help="adapters given at start-up cannot be unloaded through the API (403)"
+    )
+    parser.add_argument(
+        "--shutdown-grace-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT: stop accepting, let running requests finish for up to S seconds, then end each with an error "
+        "(a stream gets an error chunk and [DONE])",
+    )
+    ServerLimits.add_arguments(parser)
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     engine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
@@ -217,6 +231,8 @@ def build_state(args: argparse.Namespace):
         api_key=args.api_key,
         adapter_root=args.adapter_root,
         max_lora_rank=args.max_lora_rank,
+        limits=ServerLimits.from_args(args),
+        protected_adapters=frozenset(adapters) if args.protect_startup_adapters else frozenset(),
         sampling_defaults=sampling_defaults,
     )
     return state
@@ -249,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from preft.server.app import create_app
+        from preft.server.graceful import GracefulServer
     except ModuleNotFoundError as e:
         print(f"preft serve needs FastAPI and uvicorn ({e}); install them with: pip install 'preft[server]'", file=sys.stderr)
         return 2
@@ -263,8 +280,9 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("binding %s without --api-key: anyone who can reach this address can use the server", args.host)
     app = create_app(state)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)  # handles SIGINT and SIGTERM: stop accepting, finish, then lifespan shutdown
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    # handles SIGINT and SIGTERM: stop accepting, let requests finish for --shutdown-grace-seconds, end the rest, lifespan shutdown
+    server = GracefulServer(config, state.engine_loop, args.shutdown_grace_seconds)
     # uvicorn re-raises the signal it shut down on; these handlers make that a clean exit with status 0.
     received: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+GREEDY_BELOW = 1e-5  # a temperature below this samples greedily, as in vLLM (dividing logits by ~0 overflows)
 # status -> OpenAI error ``type``
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -19,6 +20,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
@@ -52,11 +54,11 @@ class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
     model: str
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1)  # at most --max-n (preft.server.guard)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # vLLM uses -1 for "off"; preft uses 0
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # torch generators take 64-bit seeds
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
@@ -80,6 +82,11 @@ class SamplingFields(BaseModel):
             if not -100 <= bias <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {bias} for token {token}")
         return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_temperature_is_greedy(cls, value: float) -> float:
+        return 0.0 if value < GREEDY_BELOW else value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -148,7 +155,10 @@ class ChatMessage(BaseModel):
         for part in self.content:
             if part.get("type") != "text":
                 raise APIError(400, f"message content part of type {part.get('type')!r} is not supported; only 'text'", param="messages")
-            parts.append(part.get("text", ""))
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise APIError(400, f"a text content part needs a string 'text', got {type(text).__name__}", param="messages")
+            parts.append(text)
         return "".join(parts)
 
 
