@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 GREEDY_BELOW = 1e-5  # a temperature below this samples greedily, as in vLLM (dividing logits by ~0 overflows)
 # status -> OpenAI error ``type``
@@ -53,6 +53,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Fields shared by completions and chat completions."""
 
+    # Unknown fields are kept (and logged once per name by ``preft.server.options``), as vLLM does.
+    model_config = ConfigDict(extra="allow")
+
     model: str
     n: int = Field(1, ge=1)  # at most --max-n (preft.server.guard)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -72,6 +75,12 @@ class SamplingFields(BaseModel):
     min_tokens: int = Field(0, ge=0)  # vLLM extra: no EOS / stop token ids before this many tokens
     user: str | None = None
     return_token_ids: bool = False  # vLLM extra: token ids of prompt and completion in each choice
+    # structured outputs (preft.server.structured): OpenAI's response_format, vLLM's guided_* extras
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -146,6 +155,9 @@ class CompletionRequest(SamplingFields):
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn's calls (preft.server.tools)
+    tool_call_id: str | None = None  # a tool result's call
+    name: str | None = None
 
     def text(self) -> str:
         """Message content as text; list content keeps its ``{"type": "text"}`` parts."""
@@ -170,6 +182,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True  # vLLM extra
     continue_final_message: bool = False  # vLLM extra
+    tools: list[dict] | None = None  # preft.server.tools
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(BaseModel):

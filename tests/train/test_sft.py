@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,3 +150,51 @@ def test_chat_messages_rows_train_the_final_assistant_turn(tmp_path, tiny_llama)
     ]
     out = generate(trainer.model, prompts, trainer.name, max_new_tokens=6, eos_token_id=end_of_turn)
     assert [tok.decode(t, skip_special_tokens=True) for t in out.token_ids] == list(TOY_PAIRS.values())
+
+
+def test_sft_logs_trl_metric_names_with_trl_meanings(tmp_path, tiny_llama, toy_sft):
+    trainer = SFTTrainer(
+        tiny_llama, toy_config(tmp_path, max_steps=3, per_device_train_batch_size=2, warmup_steps=2, eval_split=0.5), toy_sft
+    )
+    metrics = trainer.train().metrics
+    assert {"loss", "grad_norm", "learning_rate", "num_tokens", "mean_token_accuracy", "entropy", "epoch"} <= set(metrics[0])
+    assert {"eval_loss", "eval_mean_token_accuracy", "eval_entropy"} <= set(metrics[-1])
+    # 2 training rows, batch 2: one step per epoch; every step sees both rows' prompt + completion tokens
+    per_step = sum(len(e.prompt_ids) + len(e.completion_ids) for e in trainer.examples)
+    assert [r["num_tokens"] for r in metrics] == [per_step, 2 * per_step, 3 * per_step]
+    assert [r["epoch"] for r in metrics] == [1.0, 2.0, 3.0]
+    assert [r["learning_rate"] for r in metrics] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2])  # --warmup_steps 2, then constant
+    # mean_token_accuracy: the share of completion tokens the model's argmax predicts, before the step's update
+    model, name = trainer.model, trainer.name
+    batch = trainer.batch(trainer.eval_examples)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask, adapter_mask=batch.adapter_mask, adapter_names=name).logits
+    hits = (logits[:, :-1].argmax(-1) == batch.input_ids[:, 1:]).float() * batch.completion_mask[:, 1:]
+    assert metrics[-1]["eval_mean_token_accuracy"] == pytest.approx(float(hits.sum() / batch.completion_mask.sum()), abs=1e-6)
+    assert 0 < metrics[0]["entropy"] < math.log(trainer.model.model.config.vocab_size) + 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["lora", "loreft"])
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_gradients(tmp_path, tiny_llama, toy_sft, adapter):
+    grads, calls = {}, {}
+    for checkpointing in (False, True):
+        cfg = toy_config(
+            tmp_path / str(checkpointing), adapter=adapter, max_steps=1, gradient_checkpointing=checkpointing, max_grad_norm=0.0
+        )
+        trainer = SFTTrainer(tiny_llama, cfg, toy_sft)
+        with torch.no_grad():  # non-zero adapters (the same for both runs), so every gradient path is exercised
+            torch.manual_seed(1)
+            for p in trainer.params:
+                p.normal_(0.0, 0.1)
+        attention = trainer.model.model.model.layers[0].self_attn
+        count = [0]
+        attention.register_forward_hook(lambda *_, count=count: count.__setitem__(0, count[0] + 1))
+        step = trainer.optimizer_step
+        trainer.optimizer_step = lambda t=trainer, c=checkpointing, step=step: (
+            grads.setdefault(c, [p.grad.clone() for p in t.params]) and step()
+        )
+        trainer.train()
+        calls[checkpointing] = count[0]
+    assert calls[True] > calls[False]  # the layer ran again in the backward pass
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, atol=1e-6)
