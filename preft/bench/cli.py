@@ -67,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--cache-dir", default=None, help="where named shapes are built (default ~/.cache/preft/bench-models)")
     parser.add_argument("--output-dir", default=None, help="default benchmarks/results/<device>-<date>/")
+    from preft.bench import host_overhead
+
+    sub = parser.add_subparsers(dest="bench_command", metavar="{host-overhead}", help="other benchmarks (default: the throughput sweep)")
+    host_overhead.add_arguments(sub.add_parser("host-overhead", help=host_overhead.__doc__.splitlines()[0], description=host_overhead.__doc__))
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -169,6 +173,10 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_command", None) == "host-overhead":
+        from preft.bench import host_overhead
+
+        return host_overhead.run(args)
     for model in args.model.split(","):  # several models: one after the other, one JSON + PNG each
         cfg = config_from_args(args)
         cfg.model = model

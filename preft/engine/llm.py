@@ -4,54 +4,30 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from preft.adapters import Adapter
 from preft.engine.adapter_manager import AdapterInfo
+from preft.engine.config import EngineConfig
+from preft.engine.detokenizer import Detokenizer
 from preft.engine.llm_engine import LLMEngine
 from preft.engine.sampler import SamplingParams
-from preft.engine.sequence import RequestOutput
+from preft.engine.sequence import CompletionOutput, RequestOutput
 from preft.errors import PreftError
 
 
 class LLM:
-    """A base model plus any number of registered adapters; each prompt may use a different one (or none)."""
+    """A base model plus any number of registered adapters; each prompt may use a different one (or none).
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        dtype: str = "auto",
-        device: str | None = None,
-        max_adapter_slots: int = 8,
-        max_cpu_adapters: int = 64,
-        num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        max_model_len: int | None = None,
-        use_cuda_graphs: bool = True,
-        kv_cache_memory_bytes: int | str | None = None,
-    ):
-        self.engine = LLMEngine(
-            model_dir,
-            dtype=dtype,
-            device=device,
-            max_adapter_slots=max_adapter_slots,
-            max_cpu_adapters=max_cpu_adapters,
-            num_kv_blocks=num_kv_blocks,
-            gpu_memory_utilization=gpu_memory_utilization,
-            block_size=block_size,
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching,
-            max_model_len=max_model_len,
-            use_cuda_graphs=use_cuda_graphs,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-        )
-        self.model_name = str(model_dir)
+    ``LLM("default", dtype="float32", max_num_seqs=8)`` or ``LLM(EngineConfig(...))``: the options are
+    ``EngineConfig``'s fields.
+    """
+
+    def __init__(self, model: str | os.PathLike | EngineConfig = "default", **options: Any):
+        self.engine = LLMEngine(model, **options)
+        self.model_name = str(self.engine.engine_config.model)
         self._ids = itertools.count()
 
     @property
@@ -96,11 +72,28 @@ class LLM:
             for request_id in request_ids:
                 self.engine.abort_request(request_id)
             raise
-        finished: dict[str, RequestOutput] = {}
+        finished_ids: set[str] = set()
+        texts = {rid: [Detokenizer(self.tokenizer, p.stop) for _ in range(p.n)] for rid, p in zip(request_ids, params)}
+        done: dict[str, list[CompletionOutput | None]] = {rid: [None] * p.n for rid, p in zip(request_ids, params)}
+        last: dict[str, RequestOutput] = {}
         with tqdm(total=n, desc="generate", unit="req", disable=not use_tqdm) as bar:
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
-                    if out.finished:
-                        finished[out.request_id] = out
+                    last[out.request_id] = out
+                    for delta in out.outputs:
+                        if done[out.request_id][delta.index] is not None:
+                            continue
+                        detok = texts[out.request_id][delta.index]
+                        if detok.add(delta.new_token_ids, finished=delta.finish_reason is not None):
+                            self.engine.stop_sequence(out.request_id, delta.index)  # before the next step: no token wasted
+                            reason = "stop"
+                        elif delta.finish_reason is not None:
+                            reason = delta.finish_reason
+                        else:
+                            continue
+                        logprobs = None if delta.logprobs is None else delta.logprobs[: detok.num_tokens]
+                        done[out.request_id][delta.index] = CompletionOutput(delta.index, detok.token_ids, detok.text, reason, logprobs)
+                    if all(c is not None for c in done[out.request_id]) and out.request_id not in finished_ids:
+                        finished_ids.add(out.request_id)
                         bar.update(1)
-        return [finished[r] for r in request_ids]
+        return [RequestOutput(rid, last[rid].prompt_token_ids, done[rid], True, last[rid].metrics, last[rid].error) for rid in request_ids]

@@ -1,7 +1,12 @@
-"""The engine loop: requests in, one scheduled step at a time, ``RequestOutput``s out.
+"""The engine loop: requests in, one scheduled step at a time, token-id deltas out.
 
 Single-threaded: a server drives ``add_request`` / ``step`` / ``abort_request`` from one thread.
 Dataflow per step: scheduler -> model runner (model, then sampler) -> stop checks -> outputs.
+
+Outputs are deltas (``CompletionDelta``: the step's new token ids and logprobs, the finish reason,
+the count so far), never copies of the output so far. The engine does not detokenise: text and stop
+strings belong to ``preft.engine.detokenizer``, run by ``LLM.generate`` and by the server off this
+thread; a stop string found there ends its sequence through ``stop_sequence`` (or an abort).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
@@ -19,6 +25,7 @@ from transformers import AutoTokenizer
 from preft.adapters import Adapter
 from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, AdapterManager
 from preft.engine.block_manager import BlockManager
+from preft.engine.config import EngineConfig
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import load_config, load_model
 from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, ScheduledSeq, kv_block_bytes
@@ -79,23 +86,17 @@ def eos_token_ids(model_dir: Path, config, tokenizer) -> set[int]:
 
 
 class LLMEngine:
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        dtype: str | torch.dtype = "auto",
-        device: str | torch.device | None = None,
-        max_adapter_slots: int = 8,
-        max_cpu_adapters: int = 64,
-        num_kv_blocks: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        block_size: int = 16,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        max_model_len: int | None = None,
-        use_cuda_graphs: bool = True,
-        kv_cache_memory_bytes: int | str | None = None,
-    ):
+    def __init__(self, config: EngineConfig | str | os.PathLike = "default", **options: Any):
+        """``LLMEngine(EngineConfig(...))``, or ``LLMEngine(model, **options)`` with ``EngineConfig``'s field names."""
+        config = config.replace(**options) if isinstance(config, EngineConfig) else EngineConfig.from_kwargs(config, **options)
+        self.engine_config = config
+        model_dir, dtype, device, max_model_len, block_size = config.model, config.dtype, config.device, config.max_model_len, config.block_size
+        max_adapter_slots, max_cpu_adapters, num_kv_blocks = config.max_adapter_slots, config.max_cpu_adapters, config.num_kv_blocks
+        gpu_memory_utilization, kv_cache_memory_bytes = config.gpu_memory_utilization, config.kv_cache_memory_bytes
+        max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
+        enable_prefix_caching, use_cuda_graphs = config.enable_prefix_caching, config.use_cuda_graphs
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
         self.model_dir = resolve_model(model_dir)  # a folder, a .gguf file (converted once) or "default"
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.config = load_config(self.model_dir)
@@ -158,11 +159,8 @@ class LLMEngine:
 
     # ---- adapters ----------------------------------------------------------------------------
 
-    def add_adapter(
-        self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None, path: str | os.PathLike | None = None
-    ) -> AdapterInfo:
-        """Register ``name``; ``path``: the folder an ``Adapter`` was read from (it may then leave host memory)."""
-        return self.adapters.add(name, source, policy, path)
+    def add_adapter(self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None) -> AdapterInfo:
+        return self.adapters.add(name, source, policy)
 
     def remove_adapter(self, name: str, wait: bool = False) -> None:
         """Unregister ``name``. In use: raise ``AdapterInUseError`` naming the requests, or with ``wait=True``
@@ -236,11 +234,23 @@ class LLMEngine:
         self._remove_pending_adapters()
         return out
 
+    def stop_sequence(self, request_id: str, index: int = 0) -> None:
+        """End completion ``index`` of a request with finish_reason ``"stop"`` (its detokenizer found a stop
+        string); the request ends when its last completion does. Unknown or finished: nothing happens."""
+        seqs = self.requests.get(request_id)
+        if seqs is None or not 0 <= index < len(seqs):
+            return
+        self.scheduler.finish(seqs[index], "stop")
+        if all(s.is_finished for s in seqs):
+            del self.requests[request_id]
+            self.errors.pop(request_id, None)
+            self._remove_pending_adapters()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; outputs of the requests that produced tokens or finished in it."""
+        """Run one step; a delta for each request that produced tokens or finished in it."""
         batch, out_of_room = self.scheduler.schedule()
         touched: dict[str, None] = {}
         for seq in out_of_room:
@@ -324,20 +334,12 @@ class LLMEngine:
             reason = "length"
         if seq.guide is not None and self.guided.accept(seq, token_id) and reason is None:
             reason = "stop"  # the grammar is complete
-        searched = len(seq.text)
-        detokenize(self.tokenizer, seq, flush=reason is not None)
-        if params.stop:
-            start = max(0, searched - max(map(len, params.stop)) + 1)
-            cut = min((i for i in (seq.text.find(s, start) for s in params.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                seq.text = seq.text[:cut]
-                reason = "stop"
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
     def _request_output(self, request_id: str) -> RequestOutput:
         seqs = self.requests[request_id]
-        outputs = [seq.completion_output(0 if seq.is_finished else held_back(seq.text, seq.params.stop)) for seq in seqs]
+        outputs = [seq.delta() for seq in seqs]
         first = seqs[0]
         finished = all(s.is_finished for s in seqs)
         metrics = {
@@ -381,29 +383,3 @@ def _describe(error: Exception, seq: Sequence) -> str:
     if isinstance(error, PreftError):
         return str(error)
     return f"computing this request failed ({type(error).__name__})"
-
-
-def detokenize(tokenizer, seq: Sequence, flush: bool = False) -> None:
-    """Extend ``seq.text`` by the text of its newest tokens, decoding only a short window (not the whole output).
-
-    Bytes of a character that is not complete yet (the window decodes to a trailing U+FFFD) wait
-    for the next token unless ``flush``; so the text only ever grows by whole characters and, at the
-    end, equals decoding all tokens. No space clean-up: it would depend on where the window starts.
-    """
-    tokens = seq.completion_token_ids
-    prefix = tokenizer.decode(tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    window = tokenizer.decode(tokens[seq.prefix_offset :], skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    if len(window) > len(prefix) and (flush or not window.endswith("\ufffd")):
-        seq.text += window[len(prefix) :]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(tokens)
-
-
-def held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest end of ``text`` that could still grow into a stop string (not shown yet)."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best

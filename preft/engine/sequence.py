@@ -42,20 +42,45 @@ class AdapterRef:
 
 
 @dataclass
-class CompletionOutput:
+class CompletionDelta:
+    """What one step added to one completion (the engine emits deltas; it never copies the output so far)."""
+
     index: int
-    token_ids: list[int]  # all generated so far
-    text: str  # all generated so far (a stop string and anything after it excluded)
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    new_token_ids: list[int]  # sampled in this step (more than one only for a caller that skipped outputs)
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
+    num_tokens: int  # generated so far
+    new_logprobs: list[dict[int, float]] | None = None  # one per new token, when the request asked for logprobs
+    _tokens: list[int] = field(default_factory=list, repr=False)  # the sequence's token list (prompt + completion), not a copy
+    _num_prompt_tokens: int = field(default=0, repr=False)
+    _logprobs: list[dict[int, float]] | None = field(default=None, repr=False)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every generated token as of this step (a copy made when read)."""
+        start = self._num_prompt_tokens
+        return self._tokens[start : start + self.num_tokens]
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return None if self._logprobs is None else self._logprobs[: self.num_tokens]
+
+
+@dataclass
+class CompletionOutput:
+    """One finished (or aborted) completion as ``LLM.generate`` returns it: tokens and their text."""
+
+    index: int
+    token_ids: list[int]
+    text: str  # a stop string and anything after it excluded
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     logprobs: list[dict[int, float]] | None = None
-    new_token_ids: list[int] = field(default_factory=list)  # produced in this step
 
 
 @dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    outputs: list[CompletionDelta] | list[CompletionOutput]  # deltas from LLMEngine.step, full outputs from LLM.generate
     finished: bool
     metrics: dict = field(default_factory=dict)
     error: str | None = None  # why the request failed (its completions finish with reason "error"), else None
@@ -80,6 +105,7 @@ class Sequence:
         self.request_id = request_id
         self.index = index
         self.token_ids = list(prompt_token_ids)
+        self._prompt_token_ids = prompt_token_ids if isinstance(prompt_token_ids, list) else list(prompt_token_ids)  # never mutated
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.adapter = adapter
@@ -93,9 +119,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.guide = None  # structured output: this sequence's grammar matcher (preft.engine.guided), if any
-        self.text = ""  # decoded output, stop string cut when finished
-        self.prefix_offset = self.read_offset = 0  # incremental detokenisation window over the completion tokens
-        self.new_token_ids: list[int] = []  # since the last RequestOutput
+        self.new_token_ids: list[int] = []  # since the last delta
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None
@@ -109,7 +133,8 @@ class Sequence:
 
     @property
     def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
+        """The prompt (shared, not a copy: do not mutate)."""
+        return self._prompt_token_ids
 
     @property
     def completion_token_ids(self) -> list[int]:
@@ -159,9 +184,9 @@ class Sequence:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
 
-    def completion_output(self, held_back: int = 0) -> CompletionOutput:
-        """The output so far; ``held_back`` trailing characters may still become a stop string."""
-        text = self.text[: len(self.text) - held_back] if held_back else self.text
-        out = CompletionOutput(self.index, self.completion_token_ids, text, self.finish_reason, self.logprobs, self.new_token_ids)
-        self.new_token_ids = []
-        return out
+    def delta(self) -> CompletionDelta:
+        """The tokens sampled since the last delta (handed over, not copied), and the finish reason."""
+        new, self.new_token_ids = self.new_token_ids, []
+        num = self.num_tokens - self.num_prompt_tokens
+        new_logprobs = None if self.logprobs is None else self.logprobs[num - len(new) :]
+        return CompletionDelta(self.index, new, self.finish_reason, num, new_logprobs, self.token_ids, self.num_prompt_tokens, self.logprobs)

@@ -2,8 +2,8 @@
 
 One request, end to end: the handler validates the body (``protocol``), turns ``model`` into an
 adapter name (or ``None`` for the base model), tokenizes chat messages with the tokenizer's chat
-template, submits one engine request per prompt, and reads ``RequestUpdate``s from its asyncio
-queue, either streaming them as server-sent events or collecting them into one response. A client
+template, submits one engine request per prompt, and reads the engine's token-id deltas from its
+asyncio queue, turns them into text here (``Choices``: off the engine thread), either streaming them as server-sent events or collecting them into one response. A client
 that goes away aborts its engine requests, which frees their KV blocks and adapter slots.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import dataclasses
-import functools
 import hmac
 import json
 import logging
@@ -20,7 +18,6 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +29,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import preft
+from preft.engine.detokenizer import Detokenizer
 from preft.errors import PreftError
-from preft.server.engine_loop import EngineLoop, RequestFailed, RequestUpdate
-from preft.server.guard import RequestGuard
-from preft.server.limits import ServerLimits
-from preft.server.options import check_request
+from preft.server.engine_loop import EngineLoop, RequestFailed
 from preft.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -49,11 +44,8 @@ from preft.server.protocol import (
     error_body,
     sampling_params,
 )
-from preft.server.structured import request_spec
-from preft.server.tools import ToolPlan, template_messages, tool_call_choice
 
 logger = logging.getLogger("preft.server")
-SYSTEM_FINGERPRINT = f"fp_preft_{preft.__version__}"  # OpenAI's field: changes when the serving stack does
 
 
 @dataclass
@@ -69,13 +61,11 @@ class ServerState:
     adapter_root: Path | None = None
     created: int = 0
     max_lora_rank: int | None = None  # --max-lora-rank: runtime loads above it are refused
-    limits: ServerLimits | None = None  # --max-n, --max-request-body-bytes, ... (preft.server.limits); None: the defaults
-    protected_adapters: frozenset[str] = frozenset()  # --protect-startup-adapters: never unloaded through the API
     sampling_defaults: dict = field(default_factory=dict)  # --generation-config: knobs a request leaves out
 
     def adapter_for(self, model: str) -> str | None:
         """``None`` for the base model, else the adapter name (checked again on the engine thread)."""
-        if model == self.model_name:  # its model id only: the model's host path is no name
+        if model == self.model_name or (self.model_dir is not None and model == self.model_dir):
             return None
         if model not in self.engine_loop.adapters():
             raise ModelNotFound(
@@ -92,25 +82,14 @@ class ServerState:
                 param="lora_path",
                 code="forbidden",
             )
-        from preft.adapters.io import CONFIG_NAME, PEFT_BIN_NAME, WEIGHTS_NAME
-
         root = self.adapter_root.resolve()
         candidate = Path(path).expanduser()
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        # Symlinks resolved for the folder and for each file read: a link inside the root may point anywhere.
-        files = [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME, PEFT_BIN_NAME) if (resolved / name).exists()]
-        if not all(p.is_relative_to(root) for p in [resolved, *files]):
-            raise APIError(403, "the adapter path leads outside --adapter-root", param="lora_path", code="forbidden")
+        if not resolved.is_relative_to(root):
+            raise APIError(
+                403, f"adapter path {path!r} is outside the allowed --adapter-root {str(root)!r}", param="lora_path", code="forbidden"
+            )
         return str(resolved)
-
-    def shown_path(self, path: str | None) -> str | None:
-        """An adapter's path as clients see it: relative to --adapter-root; None for others (never a host path)."""
-        if path is None or self.adapter_root is None:
-            return None
-        try:
-            return str(Path(path).relative_to(self.adapter_root.resolve()))
-        except ValueError:
-            return None
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -136,52 +115,102 @@ class ClientGone(Exception):
     """The HTTP client disconnected before its response was ready."""
 
 
-class Choices:
-    """Text and token bookkeeping for every choice of one HTTP request (prompts x n)."""
+class ChoiceText:
+    """One choice as the client sees it: the detokenised text of the engine's deltas, what was streamed so far."""
 
-    def __init__(self, request_ids: list[str], n: int):
+    def __init__(self, tokenizer, stop: list[str]):
+        self.detok = Detokenizer(tokenizer, stop)
+        self.logprobs: list[dict[int, float]] | None = None
+        self.finish_reason: str | None = None
+        self.sent_text = 0  # characters already streamed
+        self.sent_tokens = 0  # tokens already streamed
+        self.sent_finish = False
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.detok.token_ids
+
+
+class Choices:
+    """Text and token bookkeeping for every choice of one HTTP request (prompts x n), fed with the engine's deltas.
+
+    Detokenisation and stop strings run here, in the request's asyncio task, not on the engine thread. A stop
+    string ends its choice at once (``stop_sequence`` tells the engine); tokens the engine sampled after the
+    one that completed it are neither shown nor counted in ``usage``.
+    """
+
+    def __init__(self, request_ids: list[str], n: int, tokenizer, stop: list[str] | None = None, stop_sequence: Any = None):
         self.request_ids, self.n = request_ids, n
         self.position = {rid: i for i, rid in enumerate(request_ids)}
-        self.latest: dict[str, RequestUpdate] = {}
-        self.sent_text: dict[int, int] = {}  # choice index -> characters already streamed
-        self.sent_tokens: dict[int, int] = {}  # choice index -> tokens already streamed
-        self.sent_finish: set[int] = set()  # choices whose finish_reason was streamed
+        self.state = [ChoiceText(tokenizer, stop or []) for _ in range(len(request_ids) * n)]
+        self.prompt_tokens: dict[str, list[int]] = {}
+        self.stop_sequence = stop_sequence  # (request_id, completion index) -> None
 
-    def choice_index(self, update: RequestUpdate, completion_index: int) -> int:
-        return self.position[update.request_id] * self.n + completion_index
+    def choice_index(self, request_id: str, completion_index: int) -> int:
+        return self.position[request_id] * self.n + completion_index
+
+    def apply(self, update: Any) -> list[int]:
+        """Take one step's deltas of one request; the indexes of the choices that changed."""
+        self.prompt_tokens[update.request_id] = update.prompt_token_ids
+        changed = []
+        for delta in update.outputs:
+            index = self.choice_index(update.request_id, delta.index)
+            choice = self.state[index]
+            if choice.finish_reason is not None:
+                continue  # stopped here already: what the engine sampled since is dropped
+            stopped = choice.detok.add(delta.new_token_ids, finished=delta.finish_reason is not None)
+            if delta.new_logprobs is not None:
+                choice.logprobs = (choice.logprobs or []) + list(delta.new_logprobs)
+                del choice.logprobs[choice.detok.num_tokens :]
+            if stopped:
+                choice.finish_reason = "stop"
+                if delta.finish_reason is None and self.stop_sequence is not None:
+                    self.stop_sequence(update.request_id, delta.index)
+            else:
+                choice.finish_reason = delta.finish_reason
+            changed.append(index)
+        return changed
 
     def finished(self) -> bool:
-        return len(self.request_ids) == sum(u.finished for u in self.latest.values())
+        return all(c.finish_reason is not None for c in self.state)
 
     def unfinished(self) -> list[str]:
-        return [rid for rid in self.request_ids if rid not in self.latest or not self.latest[rid].finished]
+        return [rid for rid in self.request_ids if any(c.finish_reason is None for c in self.choices_of(rid))]
+
+    def choices_of(self, request_id: str) -> list[ChoiceText]:
+        start = self.position[request_id] * self.n
+        return self.state[start : start + self.n]
 
     def usage(self) -> dict:
-        prompt = sum(len(u.prompt_token_ids) for u in self.latest.values())
-        completion = sum(len(c.token_ids) for u in self.latest.values() for c in u.outputs)
+        prompt = sum(len(p) for p in self.prompt_tokens.values())
+        completion = sum(c.detok.num_tokens for c in self.state)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def new_text(self, index: int, completion: Any) -> tuple[str, tuple[int, ...], Any, int] | None:
+    def new_text(self, index: int, completion: Any = None) -> tuple[str, list[int], Any, int] | None:
         """Text, tokens and logprobs of choice ``index`` not streamed yet, and where that text starts.
 
         ``None`` while there is nothing to send: no new text (a partial UTF-8 character or the start of a
         possible stop string is held back) and no finish. Tokens without text wait for the chunk that
         carries their text, so only the final chunk (the finish) can be empty. A finished choice yields
-        its finish once; with ``n > 1`` the engine keeps reporting it while the other choices run.
+        its finish once.
         """
-        if index in self.sent_finish:
+        choice = self.state[index]
+        if choice.sent_finish:
             return None
-        finished = completion.finish_reason is not None
-        text = completion.text if finished else completion.text.rstrip("\ufffd")
-        start, start_tok = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
+        finished = choice.finish_reason is not None
+        text = choice.detok.visible_text(finished)
+        start, start_tok = choice.sent_text, choice.sent_tokens
         if len(text) <= start and not finished:
             return None
-        self.sent_text[index] = max(start, len(text))
-        self.sent_tokens[index] = len(completion.token_ids)
-        if finished:
-            self.sent_finish.add(index)
-        logprobs = completion.logprobs[start_tok:] if completion.logprobs is not None else None
-        return text[start:], completion.token_ids[start_tok:], logprobs, start
+        choice.sent_text = max(start, len(text))
+        choice.sent_tokens = choice.detok.num_tokens
+        choice.sent_finish = finished
+        logprobs = choice.logprobs[start_tok : choice.sent_tokens] if choice.logprobs is not None else None
+        return text[start:], choice.token_ids[start_tok : choice.sent_tokens], logprobs, start
 
 
 def _finish_reason(reason: str | None) -> str | None:
@@ -194,7 +223,6 @@ class Routes:
         self.loop = state.engine_loop
         self.tokenizer = state.tokenizer
         self.special_ids = set(getattr(state.tokenizer, "all_special_ids", ()))
-        self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="preft-tokenize")  # one thread, as vLLM's
 
     # ---- shared request machinery ------------------------------------------------------------
 
@@ -225,7 +253,7 @@ class Routes:
                 item = get.result()
                 if isinstance(item, RequestFailed):
                     raise item.error
-                choices.latest[item.request_id] = item
+                choices.apply(item)
         finally:
             disconnect.cancel()
             for request_id in choices.unfinished():
@@ -244,10 +272,8 @@ class Routes:
                 if isinstance(item, RequestFailed):
                     yield sse(item.error.body())
                     break
-                choices.latest[item.request_id] = item
-                for completion in item.outputs:
-                    index = choices.choice_index(item, completion.index)
-                    for chunk in chunks(index, completion, choices):
+                for index in choices.apply(item):
+                    for chunk in chunks(index, choices.state[index], choices):
                         yield sse({**chunk_header, **chunk})
             if include_usage:
                 yield sse({**chunk_header, "choices": [], "usage": choices.usage()})
@@ -270,10 +296,6 @@ class Routes:
         if all(ch in BYTE_OF_CHAR for ch in piece):  # byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM)
             return bytes(BYTE_OF_CHAR[ch] for ch in piece)
         return text.encode("utf-8")
-
-    async def in_tokenizer_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` on the tokenizer thread: a long prompt never stalls the event loop (every stream)."""
-        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, functools.partial(fn, *args, **kwargs))
 
     def check_length(self, prompt_len: int, max_tokens: int | None, field: str) -> int:
         limit = self.state.max_model_len
@@ -298,20 +320,17 @@ class Routes:
     # ---- /v1/completions ---------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
-        check_request(body)
         adapter = self.state.adapter_for(body.model)
-        # Token ids from here on: the engine thread never tokenises, nor does the event loop.
-        prompts = [p if isinstance(p, list) else await self.in_tokenizer_thread(self.tokenizer.encode, p) for p in body.prompts()]
-        max_tokens = [self.check_length(len(prompt), body.max_tokens, "prompt") for prompt in prompts]
+        prompts = body.prompts()
+        max_tokens = []
+        for prompt in prompts:
+            n_tokens = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
+            max_tokens.append(self.check_length(n_tokens, body.max_tokens, "prompt"))
         params = sampling_params(body, min(max_tokens), body.logprobs, self.state.sampling_defaults)
-        spec = request_spec(body)
-        if spec is not None:
-            params = dataclasses.replace(params, structured=spec)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, prompts, params, adapter)
-        choices = Choices(request_ids, body.n)
+        choices = Choices(request_ids, body.n, self.tokenizer, params.stop, self.loop.stop_sequence)
         header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
-        header["system_fingerprint"] = SYSTEM_FINGERPRINT
 
         if body.stream:
 
@@ -330,17 +349,17 @@ class Routes:
 
         await self.collect(request, sink, choices)
         out = []
-        for update in (choices.latest[rid] for rid in request_ids):
-            for c in update.outputs:
+        for rid in request_ids:
+            for k, c in enumerate(choices.choices_of(rid)):
                 lp = self.completion_logprobs(c.token_ids, c.logprobs) if c.logprobs is not None else None
                 choice = {
-                    "index": choices.choice_index(update, c.index),
+                    "index": choices.choice_index(rid, k),
                     "text": c.text,
                     "logprobs": lp,
                     "finish_reason": _finish_reason(c.finish_reason),
                 }
                 if body.return_token_ids:
-                    choice.update(token_ids=list(c.token_ids), prompt_token_ids=list(update.prompt_token_ids))
+                    choice.update(token_ids=list(c.token_ids), prompt_token_ids=list(choices.prompt_tokens[rid]))
                 out.append(choice)
         return {**header, "choices": sorted(out, key=lambda c: c["index"]), "usage": choices.usage()}
 
@@ -363,17 +382,16 @@ class Routes:
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
+    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"the model {self.state.model_name!r} has no chat template; use /v1/completions", param="messages")
-        messages, tools = template_messages(body.messages, self.tokenizer.chat_template, plan)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
                 continue_final_message=body.continue_final_message,
-                **tools,
             )
         except Exception as e:  # a template may raise on roles or orders it does not accept
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
@@ -381,25 +399,18 @@ class Routes:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
-        check_request(body)
-        plan = ToolPlan.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
-        spec = request_spec(body, plan.spec() if plan is not None else None)
         adapter = self.state.adapter_for(body.model)
-        prompt = await self.in_tokenizer_thread(self.chat_prompt, body, plan)
+        prompt = self.chat_prompt(body)
         max_tokens = self.check_length(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
         top = body.top_logprobs or 0
         params = sampling_params(body, max_tokens, top if body.logprobs else None, self.state.sampling_defaults)
-        if spec is not None:
-            params = dataclasses.replace(params, structured=spec)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, [prompt], params, adapter)
-        choices = Choices(request_ids, body.n)
+        choices = Choices(request_ids, body.n, self.tokenizer, params.stop, self.loop.stop_sequence)
         header = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
-        header["system_fingerprint"] = SYSTEM_FINGERPRINT
 
         if body.stream:
             started: set[int] = set()
-            tool_streams: dict[int, Any] = {}  # choice index -> its ToolCallStream
 
             def chunks(index: int, completion: Any, choices: Choices) -> list[dict]:
                 out = []
@@ -421,24 +432,22 @@ class Routes:
                     if body.return_token_ids:
                         choice["token_ids"] = list(tokens)
                     out.append({"choices": [choice]})
-                return out if plan is None else tool_streams.setdefault(index, plan.stream()).rewrite(out)
+                return out
 
             return StreamingResponse(self.stream(sink, choices, chunks, body.include_usage(), header), media_type="text/event-stream")
 
         await self.collect(request, sink, choices)
-        update = choices.latest[request_ids[0]]
+        prompt_ids = choices.prompt_tokens[request_ids[0]]
         out = [
             {
-                "index": c.index,
+                "index": index,
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": self.chat_logprobs(c.token_ids, c.logprobs, top) if c.logprobs is not None else None,
                 "finish_reason": _finish_reason(c.finish_reason),
-                **({"token_ids": list(c.token_ids), "prompt_token_ids": list(update.prompt_token_ids)} if body.return_token_ids else {}),
+                **({"token_ids": list(c.token_ids), "prompt_token_ids": list(prompt_ids)} if body.return_token_ids else {}),
             }
-            for c in sorted(update.outputs, key=lambda c: c.index)
+            for index, c in enumerate(choices.choices_of(request_ids[0]))
         ]
-        if plan is not None:
-            out = [tool_call_choice(choice, plan) for choice in out]
         return {**header, "object": "chat.completion", "choices": out, "usage": choices.usage()}
 
     def chat_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...], top: int) -> dict:
@@ -453,14 +462,14 @@ class Routes:
 
     # ---- /tokenize, /detokenize (vLLM) -------------------------------------------------------
 
-    async def tokenize(self, body: TokenizeRequest) -> dict:
+    def tokenize(self, body: TokenizeRequest) -> dict:
         body.check()
         if body.model is not None:
             self.state.adapter_for(body.model)  # 404 for an unknown model, as the /v1 routes
         if body.messages is not None:
-            tokens = await self.in_tokenizer_thread(self.chat_prompt, body)
+            tokens = self.chat_prompt(body)
         else:
-            tokens = await self.in_tokenizer_thread(self.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": self.state.max_model_len, "tokens": tokens}
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
@@ -480,7 +489,7 @@ class Routes:
             "object": "model",
             "created": self.state.created,
             "owned_by": "preft",
-            "root": self.state.model_name,
+            "root": self.state.model_dir,
             "parent": None,
         }
         data = [base]
@@ -491,7 +500,7 @@ class Routes:
                     "object": "model",
                     "created": self.state.created,
                     "owned_by": "preft",
-                    "root": self.state.shown_path(info.path),
+                    "root": info.path,
                     "parent": self.state.model_name,
                     "kind": info.kind,
                     "policy": info.policy,
@@ -505,25 +514,25 @@ class Routes:
         if name == self.state.model_name:
             raise APIError(400, f"adapter name {name!r} is the base model's name; choose another", param="lora_name")
         resolved = self.state.resolve_adapter_path(path)
-        info = await self.loop.load_adapter(name, resolved, body.policy, max_rank=self.state.max_lora_rank)
+        if self.state.max_lora_rank is not None:
+            from preft.server.cli import check_adapter_rank
+
+            try:
+                await asyncio.to_thread(check_adapter_rank, name, resolved, body.policy, self.state.max_lora_rank)
+            except ValueError as e:
+                raise APIError(400, str(e), param="lora_path") from None
+        info = await self.loop.load_adapter(name, resolved, body.policy)
         return {
             "object": "adapter",
             "id": info.name,
             "kind": info.kind,
             "policy": info.policy,
             "rank": info.rank,
-            "path": self.state.shown_path(info.path),
+            "path": info.path,
             "status": "loaded",
         }
 
     async def unload_adapter(self, body: UnloadAdapterRequest) -> dict:
-        if body.name() in self.state.protected_adapters:
-            raise APIError(
-                403,
-                f"adapter {body.name()!r} was given at start-up and is protected (--protect-startup-adapters)",
-                param="lora_name",
-                code="forbidden",
-            )
         info = await self.loop.unload_adapter(body.name(), body.if_in_use)
         return {"object": "adapter", "id": info.name, "status": "unloaded"}
 
@@ -539,7 +548,6 @@ def create_app(state: ServerState) -> FastAPI:
         state.engine_loop.shutdown()  # fail what is in flight, stop the engine thread
 
     app = FastAPI(title="preft", description="OpenAI-compatible server for prefill-only adapters", lifespan=lifespan)
-    app.add_middleware(RequestGuard, state=state)  # body size, surrogates, counts; unexpected errors as JSON 500s
 
     async def check_api_key(request: Request) -> None:
         if state.api_key is None:
@@ -576,7 +584,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, "internal error; the server log has its details"), status_code=500)
+        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -608,7 +616,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize", dependencies=v1)
     async def tokenize(body: TokenizeRequest) -> dict:
-        return await routes.tokenize(body)
+        return routes.tokenize(body)
 
     @app.post("/detokenize", dependencies=v1)
     async def detokenize(body: DetokenizeRequest) -> dict:

@@ -3,7 +3,9 @@
 HTTP handlers run on the asyncio event loop and never call the engine. They put commands (plain
 callables) on a thread-safe queue; the engine thread runs them between ``step()`` calls, and
 delivers each request's outputs to that request's ``asyncio.Queue`` with
-``loop.call_soon_threadsafe``. Adapter loads and unloads go through the same queue, so the engine
+``loop.call_soon_threadsafe``. The outputs are the engine's token-id deltas, handed over as they are
+(each step's delta objects are new and the engine never touches them again): no copy and no
+detokenisation here; the request's asyncio task turns them into text (``preft.engine.detokenizer``). Adapter loads and unloads go through the same queue, so the engine
 never sees two threads.
 
 Unloading an adapter that requests still use only affects those requests: by default the
@@ -24,30 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from preft.engine.adapter_manager import AdapterInUseError
+from preft.engine.sequence import RequestOutput
 from preft.errors import PreftError
 from preft.server.metrics import Metrics
 from preft.server.protocol import APIError, ModelNotFound
 
 logger = logging.getLogger("preft.server")
-
-
-@dataclass(frozen=True)
-class CompletionUpdate:
-    """One choice of one request as of this step (copied out of the engine's objects)."""
-
-    index: int
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None
-    logprobs: tuple[dict[int, float], ...] | None
-
-
-@dataclass(frozen=True)
-class RequestUpdate:
-    request_id: str
-    prompt_token_ids: tuple[int, ...]
-    outputs: tuple[CompletionUpdate, ...]
-    finished: bool
 
 
 @dataclass(frozen=True)
@@ -68,25 +52,11 @@ class _Stream:
     last_token_time: float | None = None
     num_tokens: int = 0
 
-    def deliver(self, item: RequestUpdate | RequestFailed) -> None:
+    def deliver(self, item: RequestOutput | RequestFailed) -> None:
         try:
             self.loop.call_soon_threadsafe(self.sink.put_nowait, item)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
-
-
-def _snapshot(output: Any) -> RequestUpdate:
-    outputs = tuple(
-        CompletionUpdate(
-            index=c.index,
-            token_ids=tuple(c.token_ids),
-            text=c.text,
-            finish_reason=c.finish_reason,
-            logprobs=None if c.logprobs is None else tuple(dict(d) for d in c.logprobs),
-        )
-        for c in output.outputs
-    )
-    return RequestUpdate(output.request_id, tuple(output.prompt_token_ids or ()), outputs, bool(output.finished))
 
 
 class EngineLoop:
@@ -121,11 +91,6 @@ class EngineLoop:
         self._commands.put((lambda: None, None))  # wake the thread if it is idle
         self._thread.join(timeout)
 
-    def abort_all(self) -> None:
-        """End every in-flight request with a 503 "shutting down" error (streams get an error chunk and ``[DONE]``)."""
-        if self._thread.is_alive():
-            self._commands.put((self._abort_all, None))
-
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -145,7 +110,7 @@ class EngineLoop:
         return future
 
     async def submit(self, request_id: str, prompt: str | list[int], params: Any, adapter: str | None, sink: asyncio.Queue) -> None:
-        """Add a request; its ``RequestUpdate``s (then maybe a ``RequestFailed``) arrive on ``sink``.
+        """Add a request; its ``RequestOutput`` deltas (then maybe a ``RequestFailed``) arrive on ``sink``.
 
         Raises ``ModelNotFound`` for an unknown or unloading adapter and ``APIError(400)`` for input
         the engine rejects (e.g. a prompt longer than the context).
@@ -158,13 +123,13 @@ class EngineLoop:
         if self._thread.is_alive():
             self._commands.put((lambda: self._abort(request_id, None), None))
 
-    async def load_adapter(self, name: str, path: str, policy: str | None, max_rank: int | None = None) -> Any:
-        """Read and validate the adapter on a worker thread (the engine thread never waits on a disk or a
-        validation), then register it on the engine thread. Errors name the adapter, never a host path."""
-        self._check_new_name(name)
-        adapter = await asyncio.to_thread(self._read_adapter, name, path, policy, max_rank)
-        return await asyncio.wrap_future(self.call(lambda: self._load_adapter(name, adapter, path)))
+    def stop_sequence(self, request_id: str, index: int) -> None:
+        """End completion ``index`` of a request: its detokenizer found a stop string (the rest of its tokens are dropped)."""
+        if self._thread.is_alive():
+            self._commands.put((lambda: self._stop_sequence(request_id, index), None))
 
+    async def load_adapter(self, name: str, path: str, policy: str | None) -> Any:
+        return await asyncio.wrap_future(self.call(lambda: self._load_adapter(name, path, policy)))
 
     async def unload_adapter(self, name: str, if_in_use: str = "wait") -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -235,8 +200,7 @@ class EngineLoop:
                 stream.deliver(RequestFailed(output.request_id, APIError(500, f"the request failed: {error}", code="request_failed")))
                 self._forget(stream)
                 continue
-            update = _snapshot(output)
-            n = sum(len(c.token_ids) for c in update.outputs)
+            n = sum(c.num_tokens for c in output.outputs)
             if n > stream.num_tokens:
                 if stream.last_token_time is None:
                     self.metrics.first_token(now - stream.arrival)
@@ -245,10 +209,10 @@ class EngineLoop:
                 else:
                     self.metrics.later_tokens(now - stream.last_token_time, n - stream.num_tokens)
                 stream.last_token_time, stream.num_tokens = now, n
-            stream.deliver(update)
-            if update.finished:
+            stream.deliver(output)
+            if output.finished:
                 self.metrics.latency(now - stream.arrival)
-                for c in update.outputs:
+                for c in output.outputs:
                     self.metrics.request_finished(c.finish_reason or "stop")
                 self._forget(stream)
         self._finish_unloads()
@@ -269,6 +233,17 @@ class EngineLoop:
         self._streams[stream.request_id] = stream
         if name is not None:
             self._users.setdefault(name, set()).add(stream.request_id)
+
+    def _stop_sequence(self, request_id: str, index: int) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self.engine.stop_sequence(request_id, index)
+        if request_id not in self.engine.requests:  # that was its last completion
+            self.metrics.latency(time.perf_counter() - stream.arrival)
+            self.metrics.request_finished("stop")
+            self._forget(stream)
+            self._finish_unloads()
 
     def _abort(self, request_id: str, error: APIError | None) -> None:
         stream = self._streams.get(request_id)
@@ -305,33 +280,17 @@ class EngineLoop:
     def _abort_all(self) -> None:
         self._fail_all(APIError(503, "the server is shutting down"))
 
-    def _check_new_name(self, name: str) -> None:
+    def _load_adapter(self, name: str, path: str, policy: str | None) -> Any:
         if name in self._adapters:
             raise APIError(400, f"an adapter named {name!r} is already loaded; unload it first or choose another name", param="lora_name")
         if name in self._unloading:
             raise APIError(409, f"adapter {name!r} is still being unloaded; retry when the unload has returned", param="lora_name")
-
-    def _read_adapter(self, name: str, path: str, policy: str | None, max_rank: int | None) -> Any:
-        """Runs on a worker thread: the adapter read once from ``path`` and validated against the base model."""
-        from preft.adapters import load_adapter
-
         try:
-            adapter = load_adapter(path, policy=policy, model_config=self.engine.config)
+            info = self.engine.add_adapter(name, path, policy=policy)
         except PreftError as e:
-            message = str(e).replace(str(path), "<adapter>")  # the client sees no host path
-            raise APIError(400, f"adapter {name!r} cannot be loaded: {message}", param="lora_path") from None
+            raise APIError(400, f"adapter {name!r} at {path!r} cannot be loaded: {e}", param="lora_path") from None
         except OSError as e:
-            raise APIError(400, f"adapter {name!r} cannot be read: {e.strerror or type(e).__name__}", param="lora_path") from None
-        if max_rank is not None and adapter.rank > max_rank:
-            raise APIError(400, f"adapter {name!r} has rank {adapter.rank} > --max-lora-rank {max_rank}", param="lora_path")
-        return adapter
-
-    def _load_adapter(self, name: str, adapter: Any, path: str) -> Any:
-        self._check_new_name(name)  # again: another load of this name may have finished meanwhile
-        try:
-            info = self.engine.add_adapter(name, adapter, path=path)
-        except PreftError as e:
-            raise APIError(400, f"adapter {name!r} cannot be loaded: {str(e).replace(str(path), '<adapter>')}", param="lora_path") from None
+            raise APIError(400, f"adapter {name!r} at {path!r} cannot be read: {e}", param="lora_path") from None
         self._adapters[name] = info
         self.metrics.adapter_event(loaded=True)
         logger.info("loaded adapter %r: %s rank %d, policy %s, from %s", name, info.kind, info.rank, info.policy, path)

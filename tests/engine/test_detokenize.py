@@ -10,9 +10,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from preft.engine import SamplingParams
-from preft.engine.llm_engine import detokenize, held_back
-from preft.engine.sequence import Sequence
+from preft.engine.detokenizer import Detokenizer, held_back
 
 pytestmark = pytest.mark.real_model
 
@@ -30,13 +28,12 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def feed(tokenizer, ids: list[int], flush_last: bool = True) -> tuple[Sequence, list[str]]:
-    """Detokenise ``ids`` one at a time; the text after each token."""
-    seq = Sequence("r", [1], SamplingParams())
+def feed(tokenizer, ids: list[int], flush_last: bool = True) -> tuple[Detokenizer, list[str]]:
+    """Detokenise ``ids`` one at a time, as the engine's deltas arrive; the text after each token."""
+    seq = Detokenizer(tokenizer)
     texts = []
     for i, token in enumerate(ids):
-        seq.append_token(token)
-        detokenize(tokenizer, seq, flush=flush_last and i == len(ids) - 1)
+        seq.add([token], finished=flush_last and i == len(ids) - 1)
         texts.append(seq.text)
     return seq, texts
 
@@ -72,9 +69,9 @@ def test_flush_shows_a_character_cut_by_the_end_as_decoding_all_tokens_does(toke
     cut = ids[:-1]  # the emoji's last byte never comes
     seq, texts = feed(tokenizer, cut, flush_last=False)
     assert seq.text == "ok"  # the space travels in the same token as the emoji's first bytes
-    detokenize(tokenizer, seq, flush=True)
+    seq.flush()
     assert seq.text == tokenizer.decode(cut) == "ok \ufffd"
-    detokenize(tokenizer, seq, flush=True)  # nothing new: a second flush adds nothing
+    seq.flush()  # nothing new: a second flush adds nothing
     assert seq.text == "ok \ufffd"
 
 

@@ -8,8 +8,7 @@ import re
 import pytest
 
 from preft.engine import SamplingParams
-from preft.engine.llm_engine import detokenize, held_back
-from preft.engine.sequence import Sequence
+from preft.engine.detokenizer import Detokenizer, held_back
 from preft.errors import PreftError
 from preft.hf import generate
 
@@ -128,9 +127,8 @@ def test_incremental_text_equals_decoding_all_tokens(family_pair):
     text = "héllo wörld ✓ done"
     ids = llm.tokenizer.encode(text)
     assert len(ids) > len(text)  # multi-byte characters span several tokens
-    seq = Sequence("r", [5], SamplingParams())
+    seq = Detokenizer(llm.tokenizer)
     for i, token in enumerate(ids):
-        seq.append_token(token)
-        detokenize(llm.tokenizer, seq, flush=i == len(ids) - 1)
+        seq.add([token], finished=i == len(ids) - 1)
         assert text.startswith(seq.text)  # never a broken character on the way
     assert seq.text == text

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from preft.adapters import Adapter, load_adapter
+from preft.adapters import load_adapter
 from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError
 from preft.engine.sampler import SamplingParams
-from preft.engine.sequence import CompletionOutput, RequestOutput
+from preft.engine.sequence import CompletionDelta, RequestOutput
 from preft.errors import PreftError
 
 
@@ -31,7 +31,6 @@ class _Request:
 class FakeEngine:
     def __init__(self, tokenizer, model_config, max_model_len: int, max_tokens_per_step: int = 1):
         self.tokenizer, self.model_config, self.max_model_len = tokenizer, model_config, max_model_len
-        self.config = model_config  # as LLMEngine.config: what runtime adapter loads are validated against
         self.requests: dict[str, _Request] = {}
         self.adapters: dict[str, AdapterInfo] = {}
         self.gate = None  # a threading.Event: until it is set, step() makes no progress (tests hold requests in flight)
@@ -51,15 +50,14 @@ class FakeEngine:
         for request_id, r in list(self.requests.items()):
             r.tokens.append(next_token(r.prompt, r.adapter, len(r.tokens)))
             done = len(r.tokens) >= r.params.max_tokens
-            text = self.tokenizer.decode(r.tokens)
-            outputs.append(
-                RequestOutput(
-                    request_id, r.prompt, [CompletionOutput(0, r.tokens, text, "length" if done else None, None, r.tokens[-1:])], done
-                )
-            )
+            delta = CompletionDelta(0, r.tokens[-1:], "length" if done else None, len(r.tokens))
+            outputs.append(RequestOutput(request_id, r.prompt, [delta], done))
             if done:
                 del self.requests[request_id]
         return outputs
+
+    def stop_sequence(self, request_id, index=0):
+        self.requests.pop(request_id, None)
 
     def abort_request(self, request_id):
         self.requests.pop(request_id, None)
@@ -77,9 +75,9 @@ class FakeEngine:
             adapter_slots_total=8,
         )
 
-    def add_adapter(self, name, source, policy=None, path=None):
-        adapter = source.with_policy(policy) if isinstance(source, Adapter) else load_adapter(source, policy, self.model_config)
-        self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path or source))
+    def add_adapter(self, name, path, policy=None):
+        adapter = load_adapter(path, policy=policy, model_config=self.model_config)
+        self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path))
         return self.adapters[name]
 
     def remove_adapter(self, name):

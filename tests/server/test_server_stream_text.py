@@ -1,7 +1,8 @@
 """The text path of a stream, token by token, with SmolLM2's real byte-level BPE tokenizer and no model.
 
-Engine side: ``LLMEngine._append`` (detokenise, stop strings) and ``_request_output`` (hold back a
-possible stop string); server side: ``Choices.new_text`` (what one SSE chunk carries). Together they
+The engine emits token-id deltas (``CompletionDelta``; EOS and max_tokens end them there); the
+server's ``Choices`` detokenises them off the engine thread, matches stop strings (asking the
+engine to stop the sequence) and decides what one SSE chunk carries (``new_text``). Together they
 must stream whole characters only, never an empty chunk, never a stop string, and chunks that add
 up to the non-streamed text: nothing held back is lost or sent twice.
 """
@@ -12,10 +13,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from preft.engine import SamplingParams
-from preft.engine.llm_engine import LLMEngine
-from preft.engine.sequence import Sequence, SequenceStatus
+from preft.engine.sequence import CompletionDelta, RequestOutput
 from preft.server.app import Choices
-from preft.server.engine_loop import _snapshot
 
 pytestmark = pytest.mark.real_model
 
@@ -27,30 +26,32 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-class _Scheduler:
-    def finish(self, seq: Sequence, reason: str) -> None:
-        if not seq.is_finished:
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+def engine_deltas(tokenizer, ids: list[int], params: SamplingParams):
+    """What the engine emits for one request sampling ``ids``: one delta per token; EOS or max_tokens end it."""
+    for n, token in enumerate(ids, start=1):
+        reason = "stop" if token == tokenizer.eos_token_id else "length" if n >= params.max_tokens else None
+        yield RequestOutput("r", [1], [CompletionDelta(0, [token], reason, n)], reason is not None)
+        if reason is not None:
+            return
 
 
 def stream_tokens(tokenizer, ids: list[int], params: SamplingParams) -> tuple[list[dict], str, str, int]:
-    """Play ``ids`` as the sampled tokens of one request; the SSE chunk fields, final text, finish reason, tokens used."""
-    engine = LLMEngine.__new__(LLMEngine)  # only the per-token text path; no model behind it
-    engine.tokenizer, engine.eos_token_ids, engine.max_model_len = tokenizer, {tokenizer.eos_token_id}, 10_000
-    engine.scheduler, engine.generation_tokens = _Scheduler(), 0
-    seq = Sequence("r", [1], params)
-    engine.requests = {"r": [seq]}
-    choices, chunks = Choices(["r"], 1), []
-    for token in ids:
-        engine._append(seq, token)
-        update = _snapshot(engine._request_output("r"))
-        new = choices.new_text(0, update.outputs[0])
-        if new is not None:
-            text, tokens, _, offset = new
-            chunks.append({"text": text, "token_ids": list(tokens), "offset": offset, "finish_reason": update.outputs[0].finish_reason})
-        if seq.is_finished:
+    """Play ``ids`` as the sampled tokens of one request; the SSE chunk fields, final text, finish reason, tokens billed."""
+    stopped = []
+    choices, chunks = Choices(["r"], 1, tokenizer, params.stop, lambda rid, index: stopped.append((rid, index))), []
+    for update in engine_deltas(tokenizer, ids, params):
+        for index in choices.apply(update):
+            new = choices.new_text(index)
+            if new is not None:
+                text, tokens, _, offset = new
+                reason = choices.state[index].finish_reason
+                chunks.append({"text": text, "token_ids": list(tokens), "offset": offset, "finish_reason": reason})
+        if choices.finished():
             break
-    return chunks, seq.text, seq.finish_reason, len(seq.completion_token_ids)
+    choice = choices.state[0]
+    assert stopped == ([("r", 0)] if choice.detok.stopped else [])  # a stop string found here ends the engine's sequence
+    assert choices.usage()["completion_tokens"] == choice.detok.num_tokens
+    return chunks, choice.text, choice.finish_reason, choice.detok.num_tokens
 
 
 def check_chunks(chunks: list[dict], final: str, stops: list[str]) -> None:
@@ -103,3 +104,17 @@ def test_stop_strings_cut_the_text_and_held_back_text_is_neither_lost_nor_repeat
     if cut >= 0:  # generation ends with the token that completes the stop string
         before, upto = tokenizer.decode(ids[: used - 1]), tokenizer.decode(ids[:used])
         assert not any(s in before for s in stops) and any(s in upto for s in stops)
+
+
+def test_tokens_the_engine_sampled_after_a_stop_string_are_neither_shown_nor_billed(tokenizer):
+    # the engine thread may run a step or two before the stop command reaches it: one delta then holds them all
+    ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    stopped = []
+    choices = Choices(["r"], 1, tokenizer, ["日本語"], lambda rid, index: stopped.append(index))
+    choices.apply(RequestOutput("r", [1], [CompletionDelta(0, ids, None, len(ids))], False))
+    text, tokens, _, _ = choices.new_text(0)
+    used = next(n for n in range(1, len(ids) + 1) if "日本語" in tokenizer.decode(ids[:n]))
+    assert text == TEXT[: TEXT.find("日本語")] and list(tokens) == ids[:used] and stopped == [0]
+    assert choices.finished() and choices.unfinished() == [] and choices.usage()["completion_tokens"] == used
+    choices.apply(RequestOutput("r", [1], [CompletionDelta(0, [42], "abort", len(ids) + 1)], True))  # the engine's late end
+    assert choices.new_text(0) is None and choices.state[0].finish_reason == "stop"

@@ -1,0 +1,336 @@
+"""``preft bench host-overhead``: the engine's own work per step, with the model forward stubbed out.
+
+Everything real runs (scheduler, block manager, adapter manager, ``ModelRunner.prepare``, the sampler,
+the output path and the engine thread's hand-off to the server) except the model: its forward returns
+nothing and its logits are fixed, over a 1,024-token vocabulary. What is timed is therefore what the
+host adds to every device step; on a GPU it is pure overhead unless it overlaps the device's work.
+
+Shapes: decode steps of 1, 64 and 256 sequences (half of them with prefill-policy adapters, one in
+eight with an ``all``-policy one, the rest base) and a mixed step of 255 decodes plus one 512-token
+prefill chunk. The breakdown comes from timers wrapped around the engine's own methods
+(``Scheduler.schedule``, ``ModelRunner.prepare``, ``ModelRunner.prepare_adapters``, the sampler);
+``outputs`` is the rest of the step (post-processing, stop checks, building the outputs, hand-off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from preft.bench.report import environment
+
+VOCAB = 1024
+STAGES = ("schedule", "prepare", "adapters", "sample", "outputs")
+TARGET_MS = {"decode": 2.0, "mixed": 3.0}  # issue 12: batch-256 decode and mixed step, on the 2-core CPU
+DEFAULT_OUTPUT_DIR = Path("benchmarks") / "results" / "cpu-2026-12-02"
+
+
+@dataclass
+class HostOverheadConfig:
+    batches: list[int] = field(default_factory=lambda: [1, 64, 256])
+    mixed_decodes: int = 255
+    mixed_prefill: int = 512
+    prompt_len: int = 16
+    steps: int = 50  # timed steps per shape
+    warmup: int = 5
+    device: str = "cpu"
+    seed: int = 0
+
+
+class StubModel(torch.nn.Module):
+    """Stands in for ``CausalLM``: no forward work, fixed logits (argmax a printable byte token)."""
+
+    def __init__(self, config, device: torch.device):
+        super().__init__()
+        self.config = config
+        gen = torch.Generator().manual_seed(0)
+        logits = torch.randn(VOCAB, generator=gen)
+        logits[70] = logits.max() + 1.0  # greedy: always token 70, a letter of the byte-level tokenizer
+        self.fixed = logits.to(device)
+        self.anchor = torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False)  # so next(parameters()) works
+
+    def forward(self, input_ids, *args, **kwargs):
+        return torch.zeros(input_ids.shape[0], 1, device=self.fixed.device)
+
+    def logits(self, hidden):
+        return self.fixed.expand(hidden.shape[0], VOCAB)
+
+
+class StageTimers:
+    """Wall time spent inside wrapped callables, per stage, for the current step."""
+
+    def __init__(self):
+        self.current: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner, attribute: str, stage: str) -> None:
+        if not hasattr(owner, attribute):  # a renamed stage reads as 0, the rest of the breakdown still holds
+            return
+        inner = getattr(owner, attribute)
+        timers = self
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                timers.current[stage] += time.perf_counter() - start
+
+        setattr(owner, attribute, timed)
+
+    def take(self) -> dict[str, float]:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+def _build_engine(cfg: HostOverheadConfig, workdir: Path, max_seqs: int, max_tokens_per_step: int):
+    from preft.engine.llm_engine import LLMEngine
+    from preft.tiny import build_tiny_checkpoint
+
+    model_dir = workdir / "tiny"
+    if not (model_dir / "config.json").exists():
+        build_tiny_checkpoint(model_dir, "llama", max_position_embeddings=4096)
+    engine = LLMEngine(
+        model_dir,
+        dtype="float32",
+        device=cfg.device,
+        max_adapter_slots=16,
+        max_cpu_adapters=64,
+        num_kv_blocks=(max_seqs + 4) * (4096 // 16),
+        block_size=16,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=max_tokens_per_step,
+        enable_prefix_caching=True,
+        max_model_len=4096,
+        use_cuda_graphs=False,
+    )
+    _add_adapters(engine)
+    engine.runner.model = StubModel(engine.config, engine.runner.device)
+    return engine
+
+
+PREFILL_ADAPTERS = [f"lora-p-{i}" for i in range(4)] + [f"direft-p-{i}" for i in range(4)]
+ALL_ADAPTERS = ["lora-all-0", "lora-all-1"]
+
+
+def _add_adapters(engine) -> None:
+    from preft.adapters import LoraConfig, ReftConfig
+    from preft.tiny import random_adapter
+
+    for i, name in enumerate(PREFILL_ADAPTERS + ALL_ADAPTERS):
+        if name.startswith("direft"):
+            config = ReftConfig(kind="direft", r=8, policy="prefill")
+        else:
+            policy = "all" if "all" in name else "prefill"
+            config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"], policy=policy)
+        engine.add_adapter(name, random_adapter(engine.config, config, seed=i))
+
+
+def _adapter_for(i: int) -> str | None:
+    """Half the requests use a prefill-policy adapter, one in eight an ``all`` one, the rest none."""
+    if i % 2 == 0:
+        return PREFILL_ADAPTERS[(i // 2) % len(PREFILL_ADAPTERS)]
+    if i % 8 == 1:
+        return ALL_ADAPTERS[(i // 8) % len(ALL_ADAPTERS)]
+    return None
+
+
+def _handoff(outputs) -> None:
+    """What the server's engine thread does with each step's outputs before handing them to the event loop."""
+    from preft.server import engine_loop
+
+    snapshot = getattr(engine_loop, "_snapshot", None)  # the pre-issue-12 path copied every cumulative output
+    if snapshot is not None:
+        for out in outputs:
+            snapshot(out)
+
+
+def _summarise(step: str, batch: int, totals: list[float], stages: list[dict[str, float]]) -> dict:
+    ms = sorted(t * 1e3 for t in totals)
+    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
+    breakdown = {}
+    for stage in STAGES[:-1]:
+        breakdown[stage] = statistics.median(s.get(stage, 0.0) * 1e3 for s in stages)
+    outputs = [(t - sum(s.get(k, 0.0) for k in (*STAGES[:-1], "forward"))) * 1e3 for t, s in zip(totals, stages)]
+    breakdown["outputs"] = max(0.0, statistics.median(outputs))
+    return {
+        "step": step,
+        "batch": batch,
+        "host_ms_median": statistics.median(ms),
+        "host_ms_p90": p90,
+        "breakdown_ms": {k: round(v, 4) for k, v in breakdown.items()},
+        "steps": len(ms),
+    }
+
+
+def _timed_steps(engine, timers: StageTimers, n: int, expect_tokens: int | None = None) -> tuple[list[float], list[dict]]:
+    totals, stages = [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        outputs = engine.step()
+        _handoff(outputs)
+        totals.append(time.perf_counter() - start)
+        stages.append(timers.take())
+    return totals, stages
+
+
+def _instrument(engine) -> StageTimers:
+    timers = StageTimers()
+    timers.wrap(engine.scheduler, "schedule", "schedule")
+    timers.wrap(engine.runner, "prepare", "prepare")
+    timers.wrap(engine.runner, "prepare_adapters", "adapters")
+    timers.wrap(engine.runner, "sampler", "sample")
+    timers.wrap(engine.runner.model, "forward", "forward")
+    return timers
+
+
+def _start_decoding(engine, count: int, cfg: HostOverheadConfig, max_tokens: int, gen: torch.Generator, first_id: int = 0) -> None:
+    from preft.engine.sampler import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    for i in range(count):
+        prompt = torch.randint(5, 261, (cfg.prompt_len,), generator=gen).tolist()
+        engine.add_request(f"r{first_id + i}", prompt, params, _adapter_for(i))
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+
+
+def measure_decode(cfg: HostOverheadConfig, batch: int, workdir: Path) -> dict:
+    engine = _build_engine(cfg, workdir, max_seqs=batch, max_tokens_per_step=max(2048, batch * cfg.prompt_len))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _start_decoding(engine, batch, cfg, cfg.warmup + cfg.steps + 8, gen)
+    timers = _instrument(engine)
+    _timed_steps(engine, timers, cfg.warmup)
+    totals, stages = _timed_steps(engine, timers, cfg.steps)
+    assert len(engine.scheduler.running) == batch, f"decode batch shrank to {len(engine.scheduler.running)}"
+    return _summarise("decode", batch, totals, stages)
+
+
+def measure_mixed(cfg: HostOverheadConfig, workdir: Path) -> dict:
+    from preft.engine.sampler import SamplingParams
+
+    decodes, chunk = cfg.mixed_decodes, cfg.mixed_prefill
+    engine = _build_engine(cfg, workdir, max_seqs=decodes + 1, max_tokens_per_step=decodes + chunk)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    _start_decoding(engine, decodes, cfg, 4 * (cfg.warmup + cfg.steps) + 8, gen)
+    timers = _instrument(engine)
+    # One long prompt at a time, prefilled in chunks of `chunk` tokens beside the decodes; random tokens, so no cache hits.
+    chunks_per_prompt = 4
+    totals, stages, done, index = [], [], 0, 0
+    while done < cfg.warmup + cfg.steps:
+        prompt = torch.randint(5, 261, (chunk * chunks_per_prompt,), generator=gen).tolist()
+        engine.add_request(f"long{index}", prompt, SamplingParams(max_tokens=1, ignore_eos=True), _adapter_for(index))
+        index += 1
+        for _ in range(chunks_per_prompt):
+            t, s = _timed_steps(engine, timers, 1)
+            if done >= cfg.warmup:
+                totals += t
+                stages += s
+            done += 1
+        while any(s.request_id.startswith("long") for s in engine.scheduler.running):
+            engine.step()  # the step that samples the long request's token is not a mixed step of this shape
+            timers.take()
+    return _summarise("mixed", decodes + 1, totals, stages)
+
+
+def run_host_overhead(cfg: HostOverheadConfig) -> dict:
+    """Every shape of the module doc; returns ``{"results": [...], "environment": ...}``."""
+    from tqdm.auto import tqdm
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # host work is single-threaded Python; extra threads only add noise on a shared machine
+    try:
+        results = []
+        with tempfile.TemporaryDirectory() as tmp:
+            shapes = [("decode", b) for b in cfg.batches] + ([("mixed", cfg.mixed_decodes + 1)] if cfg.mixed_decodes >= 0 else [])
+            for step, batch in tqdm(shapes, desc="host overhead", unit="shape"):
+                row = measure_decode(cfg, batch, Path(tmp)) if step == "decode" else measure_mixed(cfg, Path(tmp))
+                results.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return {"results": results, "environment": environment(torch.device(cfg.device)), "vocab": VOCAB, "config": cfg.__dict__}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'step':>6} {'batch':>5} {'median ms':>9} {'p90 ms':>7}  " + " ".join(f"{s:>8}" for s in STAGES)]
+    for r in report["results"]:
+        stages = " ".join(f"{r['breakdown_ms'][s]:8.3f}" for s in STAGES)
+        lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f}  {stages}")
+    baseline = report.get("baseline")
+    if baseline:
+        lines.append(f"before (commit {baseline['commit']}, {baseline['note']}):")
+        now = {(r["step"], r["batch"]): r for r in report["results"]}
+        for r in baseline["results"]:
+            after = now.get((r["step"], r["batch"]))
+            ratio = f"  -> {after['host_ms_median']:.3f} ms now ({r['host_ms_median'] / after['host_ms_median']:.2f}x)" if after else ""
+            lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f}{ratio}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    """Stacked bars: the host time of each shape by stage (and the baseline's total, when recorded)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [f"{r['step']} {r['batch']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(rows)
+    for stage in STAGES:
+        values = [r["breakdown_ms"][stage] for r in rows]
+        ax.bar(labels, values, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    baseline = {(r["step"], r["batch"]): r["host_ms_median"] for r in (report.get("baseline") or {}).get("results", [])}
+    if baseline:
+        ax.scatter(labels, [baseline.get((r["step"], r["batch"])) for r in rows], color="black", marker="_", s=400, label="before")
+    ax.set_ylabel("host ms per step (median)")
+    ax.set_title(f"engine host overhead, stub forward ({report['environment']['device_name']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = HostOverheadConfig()
+    parser.add_argument("--json", type=Path, default=DEFAULT_OUTPUT_DIR / "host_overhead.json", help="results file (.md and .png beside it)")
+    parser.add_argument("--batches", default=",".join(map(str, d.batches)), help="decode batch sizes, comma-separated")
+    parser.add_argument("--mixed-decodes", type=int, default=d.mixed_decodes, help="decodes in the mixed step (-1: no mixed step)")
+    parser.add_argument("--mixed-prefill", type=int, default=d.mixed_prefill, help="prefill chunk of the mixed step, tokens")
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps per shape")
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--device", default=d.device, help="where the stub's tensors live (cpu: host work only)")
+    parser.add_argument("--baseline", type=Path, default=None, help="a JSON from an earlier commit to show as 'before'")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = HostOverheadConfig(
+        batches=[int(b) for b in args.batches.split(",") if b],
+        mixed_decodes=args.mixed_decodes,
+        mixed_prefill=args.mixed_prefill,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=args.device,
+    )
+    report = run_host_overhead(cfg)
+    if args.baseline is not None:
+        report["baseline"] = json.loads(args.baseline.read_text())
+    report["targets_ms"] = TARGET_MS
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    table = format_table(report)
+    args.json.with_suffix(".md").write_text(f"```\n{table}\n```\n")
+    plot(report, args.json.with_suffix(".png"))
+    print(table)
+    print(f"wrote {args.json}, {args.json.with_suffix('.md')} and {args.json.with_suffix('.png')}")
+    return 0
