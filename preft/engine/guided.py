@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -61,7 +62,8 @@ def check_spec(spec: dict, param: str = "structured") -> None:
     except PreftError:
         raise
     except Exception as e:  # xgrammar raises RuntimeError / ValueError with the parser's message
-        raise PreftError(f"{param}: invalid {kind}: {str(e).strip().splitlines()[-1]}") from None
+        message = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", str(e).strip().splitlines()[-1])  # drop xgrammar's "[time] file.cc:line: "
+        raise PreftError(f"{param}: invalid {kind}: {message}") from None
 
 
 def _grammar(xgr, spec: dict):
