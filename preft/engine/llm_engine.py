@@ -27,6 +27,7 @@ from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, Adapter
 from preft.engine.block_manager import BlockManager
 from preft.engine.config import EngineConfig
 from preft.engine.guided import GuidedDecoding
+from preft.engine.memory import adapted_step, kv_cache_bytes, profile_adapters, profile_cuda_memory
 from preft.engine.model import load_config, load_model
 from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, ScheduledSeq, kv_block_bytes
 from preft.engine.sampler import SamplingParams, request_seed
@@ -102,7 +103,10 @@ class LLMEngine:
         self.config = load_config(self.model_dir)
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         kv_budget = None if kv_cache_memory_bytes is None else parse_memory_size(kv_cache_memory_bytes)  # bad input fails before the load
+        started = time.perf_counter()
         self.model = load_model(self.model_dir, self.dtype, self.device)
+        load_s = time.perf_counter() - started
+        logger.info("loaded %s (%s, %s) in %.1f s", self.model_dir.name, str(self.dtype).removeprefix("torch."), self.device, load_s)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.eos_token_ids = eos_token_ids(self.model_dir, self.config, self.tokenizer)
         self.guided = GuidedDecoding(self.tokenizer, self.config.vocab_size, self.eos_token_ids)
@@ -112,23 +116,39 @@ class LLMEngine:
         self.max_model_len = max_model_len or limit
         self.block_size = block_size
         if num_kv_blocks is None:
-            num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs, kv_budget)
+            num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs, kv_budget, max_num_batched_tokens, max_adapter_slots)
         self.adapters = AdapterManager(self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters)
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size)
         self.runner.guided = self.guided
         self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
         # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
+        started = time.perf_counter()
         self.use_cuda_graphs = use_cuda_graphs and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.errors: dict[str, str] = {}  # request id -> why it failed in this step (see _run_isolated)
         self.pending_removal: set[str] = set()
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        if self.device.type == "cuda":  # nothing is compiled or captured lazily on CPU: no warm-up there
+            self.warm_up()
+            logger.info(
+                "warm-up in %.1f s: CUDA graphs for decode %s, Triton kernels compiled, one dummy request served",
+                time.perf_counter() - started, "captured" if self.use_cuda_graphs else "off",
+            )  # fmt: skip
 
-    def _default_num_blocks(self, gpu_memory_utilization: float, max_num_seqs: int, kv_cache_memory_bytes: int | None) -> int:
-        """KV blocks: ``kv_cache_memory_bytes`` worth when given; on CUDA what ``gpu_memory_utilization`` leaves
-        free; on CPU room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped at ``CPU_KV_BUDGET_BYTES``."""
+    def _default_num_blocks(
+        self,
+        gpu_memory_utilization: float,
+        max_num_seqs: int,
+        kv_cache_memory_bytes: int | None,
+        max_num_batched_tokens: int = 2048,
+        max_adapter_slots: int = 8,
+    ) -> int:
+        """KV blocks: ``kv_cache_memory_bytes`` worth when given; on CUDA what ``gpu_memory_utilization`` of the
+        whole GPU leaves after the weights and a profiled worst-case step of ``max_num_batched_tokens`` tokens with
+        ``max_adapter_slots`` adapter slots (vLLM's rule, ``preft.engine.memory``); on CPU room for ``max_num_seqs``
+        sequences of ``max_model_len`` tokens, capped at ``CPU_KV_BUDGET_BYTES``."""
         per_block = kv_block_bytes(self.config, self.block_size, self.dtype)
         per_seq = -(-self.max_model_len // self.block_size)
         if kv_cache_memory_bytes is not None:
@@ -141,13 +161,23 @@ class LLMEngine:
                 )
             return budget // per_block
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            budget = free - (1 - gpu_memory_utilization) * total
-            if budget < per_block * 16:
-                raise PreftError(
-                    f"only {free / 2**30:.1f} GiB GPU memory free: too little for a KV cache; lower the model size or raise gpu_memory_utilization"
-                )
-            return int(budget // per_block)
+            profile = profile_cuda_memory(
+                self.model, max_num_batched_tokens, self.max_model_len, max_num_seqs, self.block_size, max_adapter_slots
+            )
+            blocks = kv_cache_bytes(profile, gpu_memory_utilization, min_bytes=per_block) // per_block
+            logger.info(
+                "KV cache: %d blocks (%d tokens, %.2f GiB); the weights and a profiled step of %d tokens peaked at %.2f GiB, "
+                "%.2f GiB is used outside PyTorch, of %.2f GiB (gpu_memory_utilization=%s)",
+                blocks, blocks * self.block_size, blocks * per_block / 2**30, profile.num_tokens, profile.peak_allocated / 2**30,
+                profile.non_torch / 2**30, profile.total / 2**30, gpu_memory_utilization,
+            )  # fmt: skip
+            if blocks < per_seq:
+                logger.warning(
+                    "the KV cache holds %d tokens, fewer than max_model_len=%d: longer requests stop with finish_reason 'length'; "
+                    "raise gpu_memory_utilization or lower max_model_len",
+                    blocks * self.block_size, self.max_model_len,
+                )  # fmt: skip
+            return blocks
         blocks = max(1, min(max_num_seqs * per_seq, CPU_KV_BUDGET_BYTES // per_block))
         if blocks < per_seq:
             logger.warning(
@@ -156,6 +186,24 @@ class LLMEngine:
                 CPU_KV_BUDGET_BYTES >> 20, blocks * self.block_size, self.max_model_len,
             )  # fmt: skip
         return blocks
+
+    def warm_up(self) -> None:
+        """Compile and capture before the first request (``__init__`` runs it on CUDA): the Triton adapter kernels
+        for decode-sized (BGMV) and prefill-sized (SGMV) steps of a LoRA on every linear module and a DiReFT, then
+        one dummy base-model request (prefill and decode steps) through the engine. Leaves no request, KV block in
+        use, adapter or counter behind. CUDA graphs of `all`-policy adapter decode steps stay lazy: they depend on
+        the adapters' stack layout (``preft.engine.cuda_graphs``)."""
+        adapters = profile_adapters(self.model, self.adapters.num_slots)
+        for num_tokens in (1, 2 * self.block_size + 1):
+            adapted_step(self.model, num_tokens, num_tokens, 1, self.block_size, adapters)
+        del adapters
+        request_id = "preft-warm-up"
+        self.add_request(request_id, list(range(self.block_size + 1)), SamplingParams(max_tokens=3, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.requests.pop(request_id, None)
+        self.prompt_tokens = self.generation_tokens = 0
+        self.block_manager.hits = self.block_manager.queries = 0
 
     # ---- adapters ----------------------------------------------------------------------------
 
