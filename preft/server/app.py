@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
 import hmac
 import json
 import logging
@@ -32,6 +33,7 @@ import preft
 from preft.engine.detokenizer import Detokenizer
 from preft.errors import PreftError
 from preft.server.engine_loop import EngineLoop, RequestFailed
+from preft.server.options import check_request
 from preft.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -44,8 +46,11 @@ from preft.server.protocol import (
     error_body,
     sampling_params,
 )
+from preft.server.structured import request_spec
+from preft.server.tools import ToolPlan, template_messages, tool_call_choice
 
 logger = logging.getLogger("preft.server")
+SYSTEM_FINGERPRINT = f"fp_preft_{preft.__version__}"  # OpenAI's field: changes when the serving stack does
 
 
 @dataclass
@@ -320,6 +325,7 @@ class Routes:
     # ---- /v1/completions ---------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
+        check_request(body)
         adapter = self.state.adapter_for(body.model)
         prompts = body.prompts()
         max_tokens = []
@@ -327,10 +333,14 @@ class Routes:
             n_tokens = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
             max_tokens.append(self.check_length(n_tokens, body.max_tokens, "prompt"))
         params = sampling_params(body, min(max_tokens), body.logprobs, self.state.sampling_defaults)
+        spec = request_spec(body)
+        if spec is not None:
+            params = dataclasses.replace(params, structured=spec)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, prompts, params, adapter)
         choices = Choices(request_ids, body.n, self.tokenizer, params.stop, self.loop.stop_sequence)
         header = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": body.model}
+        header["system_fingerprint"] = SYSTEM_FINGERPRINT
 
         if body.stream:
 
@@ -382,16 +392,17 @@ class Routes:
 
     # ---- /v1/chat/completions ----------------------------------------------------------------
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, body: ChatCompletionRequest, plan: ToolPlan | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, f"the model {self.state.model_name!r} has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages, tools = template_messages(body.messages, self.tokenizer.chat_template, plan)
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
                 continue_final_message=body.continue_final_message,
+                **tools,
             )
         except Exception as e:  # a template may raise on roles or orders it does not accept
             raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
@@ -399,18 +410,25 @@ class Routes:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Any:
+        check_request(body)
+        plan = ToolPlan.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
+        spec = request_spec(body, plan.spec() if plan is not None else None)
         adapter = self.state.adapter_for(body.model)
-        prompt = self.chat_prompt(body)
+        prompt = self.chat_prompt(body, plan)
         max_tokens = self.check_length(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
         top = body.top_logprobs or 0
         params = sampling_params(body, max_tokens, top if body.logprobs else None, self.state.sampling_defaults)
+        if spec is not None:
+            params = dataclasses.replace(params, structured=spec)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, [prompt], params, adapter)
         choices = Choices(request_ids, body.n, self.tokenizer, params.stop, self.loop.stop_sequence)
         header = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": body.model}
+        header["system_fingerprint"] = SYSTEM_FINGERPRINT
 
         if body.stream:
             started: set[int] = set()
+            tool_streams: dict[int, Any] = {}  # choice index -> its ToolCallStream
 
             def chunks(index: int, completion: Any, choices: Choices) -> list[dict]:
                 out = []
@@ -432,7 +450,7 @@ class Routes:
                     if body.return_token_ids:
                         choice["token_ids"] = list(tokens)
                     out.append({"choices": [choice]})
-                return out
+                return out if plan is None else tool_streams.setdefault(index, plan.stream()).rewrite(out)
 
             return StreamingResponse(self.stream(sink, choices, chunks, body.include_usage(), header), media_type="text/event-stream")
 
@@ -448,6 +466,8 @@ class Routes:
             }
             for index, c in enumerate(choices.choices_of(request_ids[0]))
         ]
+        if plan is not None:
+            out = [tool_call_choice(choice, plan) for choice in out]
         return {**header, "object": "chat.completion", "choices": out, "usage": choices.usage()}
 
     def chat_logprobs(self, tokens: tuple[int, ...], logprobs: tuple[dict[int, float], ...], top: int) -> dict:
