@@ -166,18 +166,11 @@ def gather_logprobs(raw: Tensor, next_ids: Tensor, asked: list[int], ks: list[in
     return ids, out
 
 
-def _flat_rows(lists: list[list], device: torch.device) -> tuple[Tensor, Tensor]:
-    """``lists[i]`` -> (row index of each item, the items), flattened: one host-to-device copy each."""
+def _flat_rows(lists: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """``lists[i]`` -> (row index of each item, the items) as int64 tensors, flattened: no per-row tensor work."""
     lengths = torch.tensor([len(x) for x in lists], device=device)
     rows = torch.repeat_interleave(torch.arange(len(lists), device=device), lengths)
-    return rows, torch.tensor(list(chain.from_iterable(lists)), device=device)
-
-
-def token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> Tensor:
-    """``[B, vocab]`` float32: how often each token occurs in each row's list."""
-    rows, ids = _flat_rows(token_lists, device)
-    counts = torch.zeros(len(token_lists), vocab, device=device)
-    return counts.index_put_((rows, ids.long()), torch.ones(ids.shape, device=device), accumulate=True)
+    return rows, torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long, device=device)
 
 
 def apply_min_tokens(logits: Tensor, seqs: list[Sequence], steps: list[int]) -> Tensor:
@@ -186,7 +179,7 @@ def apply_min_tokens(logits: Tensor, seqs: list[Sequence], steps: list[int]) -> 
     if not any(blocked):
         return logits
     rows, ids = _flat_rows(blocked, logits.device)
-    return logits.index_put((rows, ids.long()), torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))
 
 
 def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
@@ -194,24 +187,35 @@ def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
         return logits
     rows, ids = _flat_rows([list(p.logit_bias) for p in params], logits.device)
     bias = torch.tensor(list(chain.from_iterable(p.logit_bias.values() for p in params)), dtype=logits.dtype, device=logits.device)
-    return logits.index_put((rows, ids.long()), bias, accumulate=True)
+    return logits.index_put((rows, ids), bias, accumulate=True)
 
 
 def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
-    """vLLM's penalties: repetition over prompt + output tokens, then frequency and presence over output tokens."""
+    """vLLM's penalties: repetition over prompt + output tokens, then frequency and presence over output tokens.
+
+    Works on the (row, token) pairs that occur, not on ``[B, V]`` count tensors: the cost follows the
+    number of tokens, not the vocabulary size.
+    """
     params = [s.params for s in seqs]
+    repetition = [p.repetition_penalty != 1.0 for p in params]
+    counted = [bool(p.frequency_penalty or p.presence_penalty) for p in params]
+    if not any(repetition) and not any(counted):
+        return logits
     vocab, device = logits.shape[-1], logits.device
-    if any(p.repetition_penalty != 1.0 for p in params):
-        seen = token_counts([s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(seqs, params)], vocab, device) > 0
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-    if any(p.frequency_penalty or p.presence_penalty for p in params):
-        used = [p.frequency_penalty or p.presence_penalty for p in params]
-        counts = token_counts([s.completion_token_ids if u else [] for s, u in zip(seqs, used)], vocab, device)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-        logits = logits - frequency * counts - presence * (counts > 0)
-    return logits
+    flat = logits.flatten().clone()
+    if any(repetition):
+        rows, ids = _flat_rows([s.token_ids if used else [] for s, used in zip(seqs, repetition)], device)
+        seen = torch.unique(rows * vocab + ids)
+        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=flat.dtype, device=device)[seen // vocab]
+        values = flat[seen]
+        flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if any(counted):
+        rows, ids = _flat_rows([s.completion_token_ids if used else [] for s, used in zip(seqs, counted)], device)
+        index, counts = torch.unique(rows * vocab + ids, return_counts=True)
+        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=flat.dtype, device=device)[index // vocab]
+        presence = torch.tensor([p.presence_penalty for p in params], dtype=flat.dtype, device=device)[index // vocab]
+        flat.index_add_(0, index, -(frequency * counts + presence))
+    return flat.view_as(logits)
 
 
 def request_seed(seed: int | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache
 
@@ -99,16 +100,31 @@ def filter_logits(
     return logits
 
 
+DRAW_BLOCK = 256  # tokens per block of the two-level cumulative sum in ``draw``
+
+
 def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
     """Inverse-CDF draw: per row the token whose cumulative-probability interval holds ``uniforms[row]``.
 
-    Float64 cumulative sums; a token of probability 0 (filtered out) has an empty interval and is never
-    drawn. A row whose probabilities are not finite, or all 0, gets -1 (the caller decides what fails).
+    Two-level cumulative sums, float32 inside blocks of ``DRAW_BLOCK`` tokens and float64 across blocks:
+    near float64 precision at float32 cost. A token of probability 0 (filtered out) has an empty interval
+    and is never drawn. A row whose probabilities are not finite, or all 0, gets -1 (the caller decides).
     """
-    cdf = probs.double().cumsum(-1)
-    total = cdf[:, -1]
-    ids = torch.searchsorted(cdf, (uniforms.to(cdf.device) * total)[:, None], right=True).squeeze(-1)
-    return torch.where(torch.isfinite(total) & (total > 0), ids.clamp(max=probs.shape[-1] - 1), -1)
+    rows, vocab = probs.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    padded = probs.float() if vocab == blocks * DRAW_BLOCK else F.pad(probs.float(), (0, blocks * DRAW_BLOCK - vocab))
+    inner = padded.view(rows, blocks, DRAW_BLOCK).cumsum(-1)
+    mass = inner[..., -1].double()
+    outer = mass.cumsum(-1)
+    total = outer[:, -1]
+    target = (uniforms.to(outer.device) * total)[:, None]  # < total: uniforms < 1
+    block = torch.searchsorted(outer, target, right=True).clamp(max=blocks - 1)  # first block ending above target
+    start = torch.cat([outer.new_zeros(rows, 1), outer[:, :-1]], dim=-1).gather(-1, block)  # <= target
+    cdf = inner.gather(1, block[:, :, None].expand(-1, -1, DRAW_BLOCK)).squeeze(1)
+    last = (cdf < cdf[:, -1:]).sum(-1, keepdim=True)  # the block's last token of positive probability
+    inside = torch.minimum(torch.searchsorted(cdf, (target - start).float(), right=True), last)
+    ids = (block * DRAW_BLOCK + inside).squeeze(-1)
+    return torch.where(torch.isfinite(total) & (total > 0), ids, -1)
 
 
 def sample_next(

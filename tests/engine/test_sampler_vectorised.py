@@ -14,7 +14,7 @@ from preft.engine.sampler import Sampler, SamplingError, apply_penalties, genera
 from preft.engine.sequence import Sequence
 from preft.errors import PreftError
 from preft.hf import generate
-from preft.hf.generate import sample_next, seeded_uniforms
+from preft.hf.generate import draw, sample_next, seeded_uniforms
 
 PROMPT = [40, 41, 42, 43, 44, 45]
 
@@ -284,3 +284,18 @@ def test_generation_config_defaults_auto_vllm_and_a_folder(tmp_path):
     assert generation_defaults("auto", tmp_path) == {}
     with pytest.raises(PreftError, match="no generation_config.json"):
         generation_defaults(str(tmp_path), model)
+
+
+def test_draw_is_a_monotone_inverse_cdf_that_never_returns_a_zero_probability_token():
+    vocab = 777  # not a multiple of the 256-token blocks
+    probs = torch.rand(1, vocab, generator=torch.Generator().manual_seed(21))
+    probs[0, torch.randperm(vocab, generator=torch.Generator().manual_seed(22))[:500]] = 0
+    probs[0, :256] = 0  # a whole empty block first
+    uniforms = torch.cat([torch.linspace(0, 1, 4001, dtype=torch.float64)[:-1], torch.tensor([1 - 2.0**-53])])
+    ids = draw(probs.expand(len(uniforms), -1), uniforms)
+    assert bool((probs[0, ids] > 0).all())
+    assert bool((ids[1:] >= ids[:-1]).all())  # inverse CDF: a larger number never picks an earlier token
+    assert ids[0] == int((probs[0] > 0).nonzero()[0]) and ids[-1] == int((probs[0] > 0).nonzero()[-1])
+    mass = torch.bincount(ids, minlength=vocab).double() / len(uniforms)
+    assert float((mass - probs[0] / probs.sum()).abs().max()) < 2 / len(uniforms)
+    assert draw(torch.tensor([[0.0, 0.0], [float("nan"), 1.0]]), torch.tensor([0.5, 0.5], dtype=torch.float64)).tolist() == [-1, -1]
