@@ -96,17 +96,21 @@ def adapted_step(
     config, param = model.config, next(model.parameters())
     device = param.device
     context_len = max(context_len, 1)
-    num_blocks = -(-context_len // block_size)
+    # Block tables may repeat a block: a chunk reads context_len keys from only as many scratch blocks as its
+    # writes need, so a long max_model_len costs no scratch memory (it would not fit next to the weights).
+    num_blocks = -(-min(context_len, num_tokens) // block_size)
+    table = [i % num_blocks for i in range(-(-context_len // block_size))]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = config.num_key_value_heads or config.num_attention_heads
     kv_cache = torch.zeros(2, config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype=param.dtype, device=device)
     query_lens = [min(context_len, num_tokens - start) for start in range(0, num_tokens, context_len)]
-    table = list(range(num_blocks))  # every chunk reads the same scratch blocks: the memory is what counts
-    positions = torch.cat([torch.arange(context_len - n, context_len, device=device) for n in query_lens])
+    positions = [p for n in query_lens for p in range(context_len - n, context_len)]
+    slots = [table[p // block_size] * block_size + p % block_size for p in positions]
     meta = build_metadata(
-        positions, query_lens, [context_len] * len(query_lens), [table] * len(query_lens), sliding_window(config)
-    )  # slot = position: the table is blocks 0, 1, 2, ...
-    hidden = model(torch.zeros(num_tokens, dtype=torch.long, device=device), positions, kv_cache, meta, adapters.bind(num_tokens))
+        torch.tensor(slots, device=device), query_lens, [context_len] * len(query_lens), [table] * len(query_lens), sliding_window(config)
+    )
+    ids, positions = torch.zeros(num_tokens, dtype=torch.long, device=device), torch.tensor(positions, device=device)
+    hidden = model(ids, positions, kv_cache, meta, adapters.bind(num_tokens))
     logits = model.logits(hidden[: max(1, min(num_logit_rows, num_tokens))])
     logits.softmax(-1).sort(-1, descending=True)  # about what a top-p sampler holds at once
     return kv_cache.numel() * kv_cache.element_size()

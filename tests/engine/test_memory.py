@@ -53,6 +53,9 @@ def test_profiled_step_runs_every_token_through_every_adapter_and_a_long_context
     assert ids.numel() == 40 and meta.cu_query_lens.tolist() == [0, 24, 40] and meta.context_lens.tolist() == [24, 24]  # chunks <= context
     assert scratch == kv.numel() * kv.element_size() and kv.shape[2] == 6  # 24 keys of 4-token blocks
     assert bool((batch.lora_slot == adapters.lora_slot).all()) and bool((batch.reft_slot == adapters.reft_slot).all())
+    adapted_step(model, num_tokens=8, context_len=24, num_logit_rows=1, block_size=4, adapters=adapters)
+    _, kv, meta, _ = seen[1]
+    assert kv.shape[2] == 2 and meta.block_tables.shape[1] == 6 and meta.context_lens.tolist() == [24]  # long context, small scratch
 
 
 def test_profile_cuda_memory_reports_peak_without_the_scratch_cache(tiny_checkpoint, monkeypatch):
