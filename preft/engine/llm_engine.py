@@ -207,8 +207,11 @@ class LLMEngine:
 
     # ---- adapters ----------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None) -> AdapterInfo:
-        return self.adapters.add(name, source, policy)
+    def add_adapter(
+        self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None, path: str | os.PathLike | None = None
+    ) -> AdapterInfo:
+        """Register ``name``; ``path``: the folder an ``Adapter`` was read from (it may then leave host memory)."""
+        return self.adapters.add(name, source, policy, path)
 
     def remove_adapter(self, name: str, wait: bool = False) -> None:
         """Unregister ``name``. In use: raise ``AdapterInUseError`` naming the requests, or with ``wait=True``

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -19,6 +20,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +35,8 @@ import preft
 from preft.engine.detokenizer import Detokenizer
 from preft.errors import PreftError
 from preft.server.engine_loop import EngineLoop, RequestFailed
+from preft.server.guard import RequestGuard
+from preft.server.limits import ServerLimits
 from preft.server.options import check_request
 from preft.server.protocol import (
     APIError,
@@ -66,11 +70,13 @@ class ServerState:
     adapter_root: Path | None = None
     created: int = 0
     max_lora_rank: int | None = None  # --max-lora-rank: runtime loads above it are refused
+    limits: ServerLimits | None = None  # --max-n, --max-request-body-bytes, ... (preft.server.limits); None: the defaults
+    protected_adapters: frozenset[str] = frozenset()  # --protect-startup-adapters: never unloaded through the API
     sampling_defaults: dict = field(default_factory=dict)  # --generation-config: knobs a request leaves out
 
     def adapter_for(self, model: str) -> str | None:
         """``None`` for the base model, else the adapter name (checked again on the engine thread)."""
-        if model == self.model_name or (self.model_dir is not None and model == self.model_dir):
+        if model == self.model_name:  # its model id only: the model's host path is no name
             return None
         if model not in self.engine_loop.adapters():
             raise ModelNotFound(
@@ -87,14 +93,25 @@ class ServerState:
                 param="lora_path",
                 code="forbidden",
             )
+        from preft.adapters.io import CONFIG_NAME, PEFT_BIN_NAME, WEIGHTS_NAME
+
         root = self.adapter_root.resolve()
         candidate = Path(path).expanduser()
         resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if not resolved.is_relative_to(root):
-            raise APIError(
-                403, f"adapter path {path!r} is outside the allowed --adapter-root {str(root)!r}", param="lora_path", code="forbidden"
-            )
+        # Symlinks resolved for the folder and for each file read: a link inside the root may point anywhere.
+        files = [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME, PEFT_BIN_NAME) if (resolved / name).exists()]
+        if not all(p.is_relative_to(root) for p in [resolved, *files]):
+            raise APIError(403, "the adapter path leads outside --adapter-root", param="lora_path", code="forbidden")
         return str(resolved)
+
+    def shown_path(self, path: str | None) -> str | None:
+        """An adapter's path as clients see it: relative to --adapter-root; None for others (never a host path)."""
+        if path is None or self.adapter_root is None:
+            return None
+        try:
+            return str(Path(path).relative_to(self.adapter_root.resolve()))
+        except ValueError:
+            return None
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -228,6 +245,7 @@ class Routes:
         self.loop = state.engine_loop
         self.tokenizer = state.tokenizer
         self.special_ids = set(getattr(state.tokenizer, "all_special_ids", ()))
+        self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="preft-tokenize")  # one thread, as vLLM's
 
     # ---- shared request machinery ------------------------------------------------------------
 
@@ -302,6 +320,10 @@ class Routes:
             return bytes(BYTE_OF_CHAR[ch] for ch in piece)
         return text.encode("utf-8")
 
+    async def in_tokenizer_thread(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the tokenizer thread: a long prompt never stalls the event loop (every stream)."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, functools.partial(fn, *args, **kwargs))
+
     def check_length(self, prompt_len: int, max_tokens: int | None, field: str) -> int:
         limit = self.state.max_model_len
         if prompt_len >= limit:
@@ -327,11 +349,9 @@ class Routes:
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         check_request(body)
         adapter = self.state.adapter_for(body.model)
-        prompts = body.prompts()
-        max_tokens = []
-        for prompt in prompts:
-            n_tokens = len(prompt) if isinstance(prompt, list) else len(self.tokenizer.encode(prompt))
-            max_tokens.append(self.check_length(n_tokens, body.max_tokens, "prompt"))
+        # Token ids from here on: the engine thread never tokenises, nor does the event loop.
+        prompts = [p if isinstance(p, list) else await self.in_tokenizer_thread(self.tokenizer.encode, p) for p in body.prompts()]
+        max_tokens = [self.check_length(len(prompt), body.max_tokens, "prompt") for prompt in prompts]
         params = sampling_params(body, min(max_tokens), body.logprobs, self.state.sampling_defaults)
         spec = request_spec(body)
         if spec is not None:
@@ -414,7 +434,7 @@ class Routes:
         plan = ToolPlan.from_request(body.tools, body.tool_choice, body.parallel_tool_calls)
         spec = request_spec(body, plan.spec() if plan is not None else None)
         adapter = self.state.adapter_for(body.model)
-        prompt = self.chat_prompt(body, plan)
+        prompt = await self.in_tokenizer_thread(self.chat_prompt, body, plan)
         max_tokens = self.check_length(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
         top = body.top_logprobs or 0
         params = sampling_params(body, max_tokens, top if body.logprobs else None, self.state.sampling_defaults)
@@ -482,14 +502,14 @@ class Routes:
 
     # ---- /tokenize, /detokenize (vLLM) -------------------------------------------------------
 
-    def tokenize(self, body: TokenizeRequest) -> dict:
+    async def tokenize(self, body: TokenizeRequest) -> dict:
         body.check()
         if body.model is not None:
             self.state.adapter_for(body.model)  # 404 for an unknown model, as the /v1 routes
         if body.messages is not None:
-            tokens = self.chat_prompt(body)
+            tokens = await self.in_tokenizer_thread(self.chat_prompt, body)
         else:
-            tokens = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            tokens = await self.in_tokenizer_thread(self.tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(tokens), "max_model_len": self.state.max_model_len, "tokens": tokens}
 
     def detokenize(self, body: DetokenizeRequest) -> dict:
@@ -509,7 +529,7 @@ class Routes:
             "object": "model",
             "created": self.state.created,
             "owned_by": "preft",
-            "root": self.state.model_dir,
+            "root": self.state.model_name,
             "parent": None,
         }
         data = [base]
@@ -520,7 +540,7 @@ class Routes:
                     "object": "model",
                     "created": self.state.created,
                     "owned_by": "preft",
-                    "root": info.path,
+                    "root": self.state.shown_path(info.path),
                     "parent": self.state.model_name,
                     "kind": info.kind,
                     "policy": info.policy,
@@ -534,25 +554,25 @@ class Routes:
         if name == self.state.model_name:
             raise APIError(400, f"adapter name {name!r} is the base model's name; choose another", param="lora_name")
         resolved = self.state.resolve_adapter_path(path)
-        if self.state.max_lora_rank is not None:
-            from preft.server.cli import check_adapter_rank
-
-            try:
-                await asyncio.to_thread(check_adapter_rank, name, resolved, body.policy, self.state.max_lora_rank)
-            except ValueError as e:
-                raise APIError(400, str(e), param="lora_path") from None
-        info = await self.loop.load_adapter(name, resolved, body.policy)
+        info = await self.loop.load_adapter(name, resolved, body.policy, max_rank=self.state.max_lora_rank)
         return {
             "object": "adapter",
             "id": info.name,
             "kind": info.kind,
             "policy": info.policy,
             "rank": info.rank,
-            "path": info.path,
+            "path": self.state.shown_path(info.path),
             "status": "loaded",
         }
 
     async def unload_adapter(self, body: UnloadAdapterRequest) -> dict:
+        if body.name() in self.state.protected_adapters:
+            raise APIError(
+                403,
+                f"adapter {body.name()!r} was given at start-up and is protected (--protect-startup-adapters)",
+                param="lora_name",
+                code="forbidden",
+            )
         info = await self.loop.unload_adapter(body.name(), body.if_in_use)
         return {"object": "adapter", "id": info.name, "status": "unloaded"}
 
@@ -568,6 +588,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.engine_loop.shutdown()  # fail what is in flight, stop the engine thread
 
     app = FastAPI(title="preft", description="OpenAI-compatible server for prefill-only adapters", lifespan=lifespan)
+    app.add_middleware(RequestGuard, state=state)  # body size, surrogates, counts; unexpected errors as JSON 500s
 
     async def check_api_key(request: Request) -> None:
         if state.api_key is None:
@@ -604,7 +625,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         logger.exception("unhandled error in %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}: {e}"), status_code=500)
+        return JSONResponse(error_body(500, "internal error; the server log has its details"), status_code=500)
 
     @app.post("/v1/completions", dependencies=v1)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -636,7 +657,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/tokenize", dependencies=v1)
     async def tokenize(body: TokenizeRequest) -> dict:
-        return routes.tokenize(body)
+        return await routes.tokenize(body)
 
     @app.post("/detokenize", dependencies=v1)
     async def detokenize(body: DetokenizeRequest) -> dict:

@@ -91,6 +91,11 @@ class EngineLoop:
         self._commands.put((lambda: None, None))  # wake the thread if it is idle
         self._thread.join(timeout)
 
+    def abort_all(self) -> None:
+        """End every in-flight request with a 503 "shutting down" error (streams get an error chunk and ``[DONE]``)."""
+        if self._thread.is_alive():
+            self._commands.put((self._abort_all, None))
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -128,8 +133,12 @@ class EngineLoop:
         if self._thread.is_alive():
             self._commands.put((lambda: self._stop_sequence(request_id, index), None))
 
-    async def load_adapter(self, name: str, path: str, policy: str | None) -> Any:
-        return await asyncio.wrap_future(self.call(lambda: self._load_adapter(name, path, policy)))
+    async def load_adapter(self, name: str, path: str, policy: str | None, max_rank: int | None = None) -> Any:
+        """Read and validate the adapter on a worker thread (the engine thread never waits on a disk or a
+        validation), then register it on the engine thread. Errors name the adapter, never a host path."""
+        self._check_new_name(name)
+        adapter = await asyncio.to_thread(self._read_adapter, name, path, policy, max_rank)
+        return await asyncio.wrap_future(self.call(lambda: self._load_adapter(name, adapter, path)))
 
     async def unload_adapter(self, name: str, if_in_use: str = "wait") -> Any:
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -280,17 +289,33 @@ class EngineLoop:
     def _abort_all(self) -> None:
         self._fail_all(APIError(503, "the server is shutting down"))
 
-    def _load_adapter(self, name: str, path: str, policy: str | None) -> Any:
+    def _check_new_name(self, name: str) -> None:
         if name in self._adapters:
             raise APIError(400, f"an adapter named {name!r} is already loaded; unload it first or choose another name", param="lora_name")
         if name in self._unloading:
             raise APIError(409, f"adapter {name!r} is still being unloaded; retry when the unload has returned", param="lora_name")
+
+    def _read_adapter(self, name: str, path: str, policy: str | None, max_rank: int | None) -> Any:
+        """Runs on a worker thread: the adapter read once from ``path`` and validated against the base model."""
+        from preft.adapters import load_adapter
+
         try:
-            info = self.engine.add_adapter(name, path, policy=policy)
+            adapter = load_adapter(path, policy=policy, model_config=self.engine.config)
         except PreftError as e:
-            raise APIError(400, f"adapter {name!r} at {path!r} cannot be loaded: {e}", param="lora_path") from None
+            message = str(e).replace(str(path), "<adapter>")  # the client sees no host path
+            raise APIError(400, f"adapter {name!r} cannot be loaded: {message}", param="lora_path") from None
         except OSError as e:
-            raise APIError(400, f"adapter {name!r} at {path!r} cannot be read: {e}", param="lora_path") from None
+            raise APIError(400, f"adapter {name!r} cannot be read: {e.strerror or type(e).__name__}", param="lora_path") from None
+        if max_rank is not None and adapter.rank > max_rank:
+            raise APIError(400, f"adapter {name!r} has rank {adapter.rank} > --max-lora-rank {max_rank}", param="lora_path")
+        return adapter
+
+    def _load_adapter(self, name: str, adapter: Any, path: str) -> Any:
+        self._check_new_name(name)  # again: another load of this name may have finished meanwhile
+        try:
+            info = self.engine.add_adapter(name, adapter, path=path)
+        except PreftError as e:
+            raise APIError(400, f"adapter {name!r} cannot be loaded: {str(e).replace(str(path), '<adapter>')}", param="lora_path") from None
         self._adapters[name] = info
         self.metrics.adapter_event(loaded=True)
         logger.info("loaded adapter %r: %s rank %d, policy %s, from %s", name, info.kind, info.rank, info.policy, path)

@@ -518,7 +518,11 @@ class MultiUserSFTTrainer:
             elif cfg.resume_from_checkpoint != "latest":
                 error = f"multi-user jobs resume with --resume_from_checkpoint latest (their state is in {JOB_DIR}/), got {cfg.resume_from_checkpoint!r}"
             else:
-                changed = _first_difference({k: existing.get(k) for k in identity}, identity)
+                old = {k: existing.get(k) for k in identity}
+                # A flag added after the job was written counts as its default (the job ran without it).
+                defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+                old["config"] = {**{k: v for k, v in defaults.items() if k in identity["config"]}, **(old["config"] or {})}
+                changed = _first_difference(old, identity)
                 if changed:
                     error = f"cannot resume the job in {str(self.job.root)!r}: {changed}"
                 else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from preft.adapters import load_adapter
+from preft.adapters import Adapter, load_adapter
 from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError
 from preft.engine.sampler import SamplingParams
 from preft.engine.sequence import CompletionDelta, RequestOutput
@@ -31,6 +31,7 @@ class _Request:
 class FakeEngine:
     def __init__(self, tokenizer, model_config, max_model_len: int, max_tokens_per_step: int = 1):
         self.tokenizer, self.model_config, self.max_model_len = tokenizer, model_config, max_model_len
+        self.config = model_config  # as LLMEngine.config: what runtime adapter loads are validated against
         self.requests: dict[str, _Request] = {}
         self.adapters: dict[str, AdapterInfo] = {}
         self.gate = None  # a threading.Event: until it is set, step() makes no progress (tests hold requests in flight)
@@ -75,9 +76,9 @@ class FakeEngine:
             adapter_slots_total=8,
         )
 
-    def add_adapter(self, name, path, policy=None):
-        adapter = load_adapter(path, policy=policy, model_config=self.model_config)
-        self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path))
+    def add_adapter(self, name, source, policy=None, path=None):
+        adapter = source.with_policy(policy) if isinstance(source, Adapter) else load_adapter(source, policy, self.model_config)
+        self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path or source))
         return self.adapters[name]
 
     def remove_adapter(self, name):

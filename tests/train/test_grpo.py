@@ -229,3 +229,23 @@ def test_grpo_logs_trl_metric_names(tmp_path, tiny_llama, prompts):
     # 16 completions of (prompt + 2 tokens) per step: num_tokens counts every prompt and completion token so far
     assert metrics[1]["num_tokens"] > metrics[0]["num_tokens"] > 16 * 2
     assert metrics[1]["epoch"] == pytest.approx(2 * metrics[0]["epoch"])
+
+
+def test_conversational_prompts_give_rewards_conversational_completions(tmp_path, tiny_llama, monkeypatch):
+    module = tmp_path / "chat_rewards.py"
+    module.write_text(
+        "SEEN = {}\ndef first_completion(prompts, completions, **kw):\n    SEEN['c'] = completions[0]\n    SEEN['p'] = prompts[0]\n    return [1.0] * len(completions)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    chat = [{"role": "user", "content": "2+2?"}]
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": chat, "answer": "4"}])
+    cfg = grpo_config(tmp_path, reward_funcs=["chat_rewards.first_completion", "exact"], num_generations=2, per_device_train_batch_size=2)
+    trainer = GRPOTrainer(tiny_llama, cfg, data)
+    fake_rollouts(trainer, lambda i: [trainer.tokenizer.convert_tokens_to_ids("4"), trainer.tokenizer.eos_token_id])
+    ro = trainer.rollout(0)
+    import chat_rewards
+
+    seen = chat_rewards.SEEN
+    assert seen["p"] == chat and seen["c"] == [{"role": "assistant", "content": "4"}]  # TRL's conversational reward inputs
+    assert ro.rewards["exact"].tolist() == [1.0, 1.0]  # the built-in rewards read conversational completions too
+    assert list(ro.rewards) == ["reward", "first_completion", "exact"]

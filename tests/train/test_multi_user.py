@@ -389,3 +389,22 @@ def test_split_users_over_two_ranks_all_reduces_each_users_gradients(tmp_path, t
         # Summing two ranks' gradients rounds differently, and AdamW's first update of LoRA A is ~lr * sign(grad):
         # elements whose gradient is within rounding of zero move differently (measured 1.6e-4 at lr 2e-2).
         assert max_abs_diff(weights(tmp_path / "two" / user), weights(tmp_path / "one" / user)) <= 1e-3
+
+
+def test_users_load_from_every_format_and_source(tmp_path):
+    from datasets import Dataset
+
+    tok = build_tokenizer()
+    chat = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    folder = tmp_path / "users"
+    folder.mkdir()
+    Dataset.from_list([{"prompt": "ab", "completion": "cd"}] * 2).to_parquet(str(folder / "alice.parquet"))
+    write_jsonl(folder / "bob.jsonl", [chat])
+    users, report = load_user_examples(folder, tok, 64)
+    assert {u: len(e) for u, e in users.items()} == {"alice": 2, "bob": 1} and report.rows == 3
+    rows = [{"user": "carol", "text": "hello"}, {"user": "dave", **chat}]
+    for source in (rows, Dataset.from_list([{"user": "carol", "text": "hello"}, {"user": "dave", "text": "x"}])):
+        assert user_column_of(source) == "user"
+        assert list(load_user_examples(source, tok, 64)[0]) == ["carol", "dave"]
+    # --user_column none: a folder is one dataset (one adapter), as --dataset_name reads it
+    assert user_column_of(folder, "none") is None
