@@ -1,0 +1,197 @@
+"""What the study runs, in priority order: arms, budgets, and the ``cpu`` and ``gpu`` plans.
+
+A plan is a list of stages. A stage turns the runs finished so far into the runs it wants, so the
+seed runs of an arm follow its learning-rate sweep: they use the lr with the best validation score
+(seed 0, tie broken by validation loss), and wait until every lr of the sweep has finished.
+
+The ``cpu`` plan is sized for a shared 2-core machine (one SFT step of SmolLM2-135M at batch 16 x
+~50 tokens takes ~6 s on one thread, and evaluation costs as much again); its cuts are listed in ``CPU_CUTS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+# arm -> (adapter kind, policy); "base" and "system-prompt" train nothing (the floor and the user's cheapest alternative)
+ARMS: dict[str, tuple[str | None, str | None]] = {
+    "LoRA": ("lora", "all"),
+    "LoRA-P": ("lora", "prefill"),
+    "DiReFT": ("direft", "all"),
+    "DiReFT-P": ("direft", "prefill"),
+    "base": (None, None),
+    "system-prompt": (None, None),
+}
+SEEDS = (0, 1, 2)  # the seed also picks the user (task A's facts, task B's sign-off)
+# the usual value first: a sweep cut short still leaves a paired comparison at a sensible lr
+LORA_LRS = (1e-3, 3e-4, 3e-3)
+DIREFT_LRS = (4e-3, 1e-3, 1.6e-2)
+GRPO_LRS = (1e-4, 2e-5, 5e-4)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each run trains and how it is evaluated."""
+
+    sft_steps: int
+    sft_batch: int
+    b_train_items: int  # longest training list of task B (eval goes to 40 items, ~215 tokens)
+    grpo_steps: int
+    grpo_prompts: int  # prompts per GRPO step
+    grpo_generations: int
+    grpo_completion: int  # longest rollout in tokens
+    curve_items: int  # task B eval prompts the teacher-forced NLL/KL curves run on (a prefix of the eval set)
+    eval_tokens: dict[str, int] = field(default_factory=lambda: {"A": 48, "B": 256, "C": 96})
+
+
+@dataclass(frozen=True)
+class Run:
+    """One unit of the study; its ``run_id`` is the key in runs.jsonl."""
+
+    task: str
+    arm: str
+    seed: int
+    r: int = 0
+    lr: float = 0.0
+    stage: str = ""
+    budget: Budget | None = None
+
+    @property
+    def trains(self) -> bool:
+        return ARMS[self.arm][0] is not None
+
+    @property
+    def run_id(self) -> str:
+        if not self.trains:
+            return f"{self.task}/{self.arm}/s{self.seed}"
+        b = self.budget
+        steps = b.grpo_steps if self.task == "C" else b.sft_steps
+        return f"{self.task}/{self.arm}/r{self.r}/lr{self.lr:g}/s{self.seed}/steps{steps}"
+
+    def config(self) -> dict:
+        row = asdict(self)
+        row["budget"] = asdict(self.budget) if self.budget else None
+        return row
+
+
+@dataclass
+class Stage:
+    name: str
+    question: str
+    runs: Callable[[dict[str, dict]], list[Run]]  # finished rows (run_id -> row) -> the runs this stage wants
+
+
+@dataclass
+class Plan:
+    name: str
+    budget: Budget
+    stages: list[Stage]
+    cuts: list[str]
+
+
+def best_lr(rows: dict[str, dict], template: Run, lrs: tuple[float, ...]) -> float | None:
+    """The sweep's lr with the best validation score (seed 0), or None until every lr has finished."""
+    found = []
+    for lr in lrs:
+        row = rows.get(Run(template.task, template.arm, 0, template.r, lr, budget=template.budget).run_id)
+        if row is None:
+            return None
+        found.append((-row["metrics"]["val_score"], row["metrics"].get("val_loss") or 0.0, lr))
+    return min(found)[2]
+
+
+def sweep_then_seeds(task: str, arms: list[str], r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Callable:
+    """Seed 0 at every lr, then the other seeds at each arm's best lr."""
+
+    def runs(rows: dict[str, dict]) -> list[Run]:
+        out = [Run(task, arm, 0, r, lr, stage, budget) for lr in lrs for arm in arms]
+        for arm in arms:
+            lr = best_lr(rows, Run(task, arm, 0, r, budget=budget), lrs)
+            if lr is not None:
+                out += [Run(task, arm, s, r, lr, stage, budget) for s in SEEDS[1:]]
+        return out
+
+    return runs
+
+
+def at_best_lr(task: str, arms: list[str], ranks: list[int], sweep_r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Callable:
+    """Other ranks at the lr the ``sweep_r`` sweep chose (a CPU cut: no sweep per rank), every seed."""
+
+    def runs(rows: dict[str, dict]) -> list[Run]:
+        out = []
+        for arm in arms:
+            lr = best_lr(rows, Run(task, arm, 0, sweep_r, budget=budget), lrs)
+            if lr is not None:
+                out += [Run(task, arm, s, r, lr, stage, budget) for r in ranks for s in SEEDS]
+        return out
+
+    return runs
+
+
+def no_training(task: str, arms: list[str], stage: str, seeds: tuple[int, ...] = SEEDS) -> Callable:
+    return lambda rows: [Run(task, arm, s, stage=stage) for arm in arms for s in seeds]
+
+
+CPU_BUDGET = Budget(
+    sft_steps=40, sft_batch=16, b_train_items=20, grpo_steps=20, grpo_prompts=2, grpo_generations=8, grpo_completion=48, curve_items=128
+)
+GPU_BUDGET = Budget(
+    sft_steps=200, sft_batch=8, b_train_items=40, grpo_steps=100, grpo_prompts=4, grpo_generations=8, grpo_completion=64, curve_items=256
+)
+
+CPU_CUTS = [
+    "40 optimizer steps of batch 16 per SFT run (640 rows, 1.3 epochs of 480; the shipped demo adapters reached 0.95 held-out "
+    "accuracy with the same budget); the GPU plan runs 200 steps of batch 8.",
+    "Evaluation dominates a CPU run (a 135M forward costs ~0.3 GFLOP per token): the eval set is the minimum 256 prompts per "
+    "task (task A's 304 are cut to 256), and task B's teacher-forced NLL/KL curves run on the first 128 eval prompts (all 256 on GPU).",
+    "Task B trains on lists of at most 20 items (answers up to ~120 tokens, mean 32) and is evaluated up to 40 items (~215 tokens): "
+    "training rows stay short enough for the CPU, and the length map then also measures length generalisation (equal for every arm). "
+    "The GPU plan trains up to 40 items.",
+    "One learning-rate sweep per arm at rank 16; ranks 4 and 64 reuse that lr (LoRA alpha = 2r keeps the scale fixed) instead of a sweep each.",
+    "Ranks 4 and 64 for LoRA/LoRA-P on task A only; DiReFT/DiReFT-P at rank 16 only.",
+    "GRPO: 20 steps of 2 prompts x 8 rollouts of at most 48 tokens per run (the measured ~40 s per step makes each run ~15 min).",
+]
+
+
+def cpu_plan() -> Plan:
+    b, lora, direft = CPU_BUDGET, ["LoRA", "LoRA-P"], ["DiReFT", "DiReFT-P"]
+    stages = [
+        Stage("A: floor and system prompt, seed 0", "Q1/Q3", no_training("A", ["base", "system-prompt"], "A-free", (0,))),
+        Stage("A: LoRA vs LoRA-P, r16", "Q1", sweep_then_seeds("A", lora, 16, LORA_LRS, b, "A-lora-r16")),
+        Stage("A: floor and system prompt", "Q1/Q3", no_training("A", ["base", "system-prompt"], "A-free")),
+        Stage("B: floor and system prompt, seed 0", "Q1/Q3", no_training("B", ["base", "system-prompt"], "B-free", (0,))),
+        Stage("B: LoRA vs LoRA-P, r16", "Q1/Q3", sweep_then_seeds("B", lora, 16, LORA_LRS, b, "B-lora-r16")),
+        Stage("B: floor and system prompt", "Q1/Q3", no_training("B", ["base", "system-prompt"], "B-free")),
+        Stage("A: DiReFT vs DiReFT-P, r16", "Q1", sweep_then_seeds("A", direft, 16, DIREFT_LRS, b, "A-direft-r16")),
+        Stage("A: LoRA vs LoRA-P, r4 and r64", "Q1", at_best_lr("A", lora, [4, 64], 16, LORA_LRS, b, "A-lora-ranks")),
+        Stage("C: base model", "Q2", no_training("C", ["base"], "C-free")),
+        Stage("C: GRPO LoRA vs LoRA-P, r16", "Q2", sweep_then_seeds("C", lora, 16, GRPO_LRS, b, "C-grpo-r16")),
+    ]
+    return Plan("cpu", b, stages, CPU_CUTS)
+
+
+def gpu_plan() -> Plan:
+    """The full grid: every arm, ranks 4/16/64 each with its own sweep, tasks A and B, GRPO for every arm (~2 H100-hours, estimated)."""
+    b = GPU_BUDGET
+    stages = [Stage(f"{t}: floor and system prompt", "Q1/Q3", no_training(t, ["base", "system-prompt"], f"{t}-free")) for t in "AB"]
+    stages.append(Stage("C: base model", "Q2", no_training("C", ["base"], "C-free")))
+    for task in "AB":
+        for r in (4, 16, 64):
+            stages.append(
+                Stage(
+                    f"{task}: LoRA vs LoRA-P, r{r}", "Q1", sweep_then_seeds(task, ["LoRA", "LoRA-P"], r, LORA_LRS, b, f"{task}-lora-r{r}")
+                )
+            )
+            stages.append(
+                Stage(
+                    f"{task}: DiReFT vs DiReFT-P, r{r}",
+                    "Q1",
+                    sweep_then_seeds(task, ["DiReFT", "DiReFT-P"], r, DIREFT_LRS, b, f"{task}-direft-r{r}"),
+                )
+            )
+    for arms, name in ((["LoRA", "LoRA-P"], "lora"), (["DiReFT", "DiReFT-P"], "direft")):
+        stages.append(Stage(f"C: GRPO {' vs '.join(arms)}, r16", "Q2", sweep_then_seeds("C", arms, 16, GRPO_LRS, b, f"C-grpo-{name}")))
+    return Plan("gpu", b, stages, [])
+
+
+PLANS = {"cpu": cpu_plan, "gpu": gpu_plan}

@@ -1,0 +1,575 @@
+"""``python -m experiments.quality_v2.render``: docs/quality.md and the plots, from whatever runs.jsonl holds.
+
+Every number is recomputed from the JSON lines; a cell without runs says "not run yet".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from experiments.quality_v2 import stats
+from experiments.quality_v2.plan import ARMS, PLANS, Plan
+from experiments.quality_v2.runner import RESULTS, RUNS_FILE, load_rows, pending
+from experiments.quality_v2.workbench import SEGMENTS
+
+DOC = Path("docs/quality.md")
+TRAINED = ["LoRA", "LoRA-P", "DiReFT", "DiReFT-P"]
+RANKS = [4, 16, 64]
+PAIRS = [("LoRA-P", "LoRA"), ("DiReFT-P", "DiReFT")]
+NOT_RUN = "not run yet"
+LENGTH_BUCKETS = {"1-16": (1, 16), "17-64": (17, 64), "65-256": (65, 10_000)}
+PARITY_MARGIN = 0.05  # GRPO "parity": the difference's CI lies within +-0.05
+
+
+# ---- the data, grouped -------------------------------------------------------------------------------
+
+
+class Cell:
+    """The runs of one (task, arm, rank) at its chosen lr: per-seed item scores and metrics."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = sorted(rows, key=lambda r: r["seed"])
+        self.lr = rows[0]["config"]["lr"] if rows else None
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.rows]
+
+    def items(self, key: str = "score") -> dict[int, list[float]]:
+        return {r["seed"]: r["metrics"]["items"][key] for r in self.rows if key in r["metrics"].get("items", {})}
+
+    def estimate(self, key: str = "score", where=None) -> stats.Estimate | None:
+        per_seed = self.items(key)
+        if not per_seed:
+            return None
+        values = stats.item_means(per_seed)
+        if where is not None:
+            kinds = self.rows[0]["metrics"]["kinds"]
+            values = values[[where(k) for k in kinds]]
+        return stats.bootstrap_mean(values) if len(values) else None
+
+    def metric(self, key: str) -> list[float]:
+        return [r["metrics"][key] for r in self.rows if isinstance(r["metrics"].get(key), float)]
+
+
+def index(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
+    """(task, arm, r, lr) -> rows."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows.values():
+        c = row["config"]
+        groups[(c["task"], c["arm"], c["r"], c["lr"])].append(row)
+    return groups
+
+
+def chosen(groups: dict[tuple, list[dict]], task: str, arm: str, r: int) -> Cell:
+    """The lr with the most seeds (the sweep's winner, once its seeds ran); ties: the best seed-0 validation score."""
+    candidates = [rows for (t, a, rr, _), rows in groups.items() if (t, a, rr) == (task, arm, r)]
+    if not candidates:
+        return Cell([])
+
+    def rank(rows):
+        seed0 = next((x for x in rows if x["seed"] == 0), rows[0])
+        return (len(rows), seed0["metrics"]["val_score"], -(seed0["metrics"].get("val_loss") or 0.0))
+
+    return Cell(max(candidates, key=rank))
+
+
+# ---- text helpers -----------------------------------------------------------------------------------
+
+
+def fmt(e: stats.Estimate | None, digits: int = 2) -> str:
+    return NOT_RUN if e is None else e.fmt(digits)
+
+
+def verdict_difference(diff: stats.Estimate | None, n_seeds: int, worse_is_claim: bool = True) -> tuple[str, str]:
+    """(verdict, reason) for the claim "the first arm is worse than the second"."""
+    if diff is None:
+        return "not run yet", "the runs this claim needs have not finished"
+    reason = f"difference {diff.fmt()} over {diff.n} paired prompts, {n_seeds} seed(s)"
+    if n_seeds < 3:
+        return "inconclusive at this scale", reason + "; fewer than 3 seeds"
+    if diff.high < 0:
+        return ("supported" if worse_is_claim else "not supported"), reason + "; the CI lies below 0"
+    if diff.low > 0:
+        return ("not supported" if worse_is_claim else "supported"), reason + "; the CI lies above 0"
+    return "inconclusive at this scale", reason + "; the CI includes 0"
+
+
+def table(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(x) + " |" for x in lines]
+
+
+# ---- sections ---------------------------------------------------------------------------------------
+
+
+def status_section(plan: Plan, rows: dict[str, dict]) -> list[str]:
+    todo = pending(plan, rows)
+    wall = sum(r["wall_s"] for r in rows.values()) / 3600
+    out = [
+        "## Status",
+        "",
+        f"**Partial results.** {len(rows)} runs finished ({wall:.1f} h of compute on a shared 2-core CPU, one thread per run); "
+        f"{len(todo)} more are pending in the `{plan.name}` plan now (seed runs of an arm are added once its learning-rate sweep "
+        "has finished, so this count grows). Every cell below without runs says *not run yet*. Resume with",
+        "",
+        "```",
+        f"nohup nice -n 19 env OMP_NUM_THREADS=1 python -m experiments.quality_v2 --plan {plan.name} --render "
+        "> experiments/results/quality_v2/run.log 2>&1 &",
+        "python -m experiments.quality_v2.render      # this page and the plots, from experiments/results/quality_v2/runs.jsonl",
+        "```",
+        "",
+    ]
+    by_stage: dict[str, list[int]] = {}
+    for stage in plan.stages:
+        wanted = stage.runs(rows)
+        by_stage[stage.name] = [sum(r.run_id in rows for r in wanted), len(wanted)]
+    out += table(
+        ["stage (priority order)", "question", "finished / wanted now"],
+        [[s.name, s.question, f"{d} / {w}"] for s, (d, w) in zip(plan.stages, by_stage.values())],
+    )
+    if todo:
+        out += ["", f"Next: `{todo[0][1].run_id}`."]
+    return out + [""]
+
+
+def q1_section(groups, task: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+    name = {"A": "task A (personal facts)", "B": "task B (style without instruction)"}[task]
+    kinds = {"A": [("one fact", lambda k: k == "one fact"), ("two facts", lambda k: k == "two facts")], "B": []}[task]
+    extra = {"A": [], "B": ["style", "correct"]}[task]
+    header = ["arm", "rank", "lr", "seeds", "eval score [95% CI]"] + [k for k, _ in kinds] + extra + ["eval loss (nats/token)", "val score"]
+    lines = []
+    for arm in ["base", "system-prompt"] + TRAINED:
+        for r in [0] if ARMS[arm][0] is None else RANKS:
+            cell = chosen(groups, task, arm, r)
+            if not cell.rows:
+                lines.append([arm, str(r or "-"), "", "0", NOT_RUN] + [""] * (len(kinds) + len(extra) + 2))
+                continue
+            loss = cell.metric("eval_loss")
+            val = cell.metric("val_score")
+            lines.append(
+                [arm, str(r or "-"), f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate())]
+                + [fmt(cell.estimate(where=w)) for _, w in kinds]
+                + [fmt(cell.estimate(k)) for k in extra]
+                + [f"{np.mean(loss):.3f}" if loss else "", f"{np.mean(val):.2f}" if val else ""]
+            )
+    out = [f"### Q1, {name}", ""] + table(header, lines) + [""]
+    diffs, verdicts = [], []
+    for r in RANKS:
+        for p, a in PAIRS:
+            cp, ca = chosen(groups, task, p, r), chosen(groups, task, a, r)
+            d = stats.paired_difference(cp.items(), ca.items()) if cp.rows and ca.rows else None
+            shared = len(set(cp.seeds) & set(ca.seeds))
+            diffs.append([f"{p} - {a}", str(r), fmt(d), str(shared)])
+            if r == 16:
+                v, why = verdict_difference(d, shared)
+                verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", v, why))
+    sp = chosen(groups, task, "system-prompt", 0)
+    for arm in ("LoRA-P", "LoRA"):
+        c = chosen(groups, task, arm, 16)
+        d = stats.paired_difference(c.items(), sp.items()) if c.rows and sp.rows else None
+        diffs.append([f"{arm} - system-prompt", "16", fmt(d), str(len(set(c.seeds) & set(sp.seeds)))])
+    out += ["Paired differences of the eval score (same prompts, same users; CI over prompts, items averaged over shared seeds):", ""]
+    out += table(["difference", "rank", "mean [95% CI]", "shared seeds"], diffs) + [""]
+    for p, a in PAIRS:
+        v, why = rank_verdict(groups, task, p, a)
+        verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", v, why))
+    return out, verdicts
+
+
+def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
+    cells = {r: (chosen(groups, task, p, r), chosen(groups, task, a, r)) for r in (4, 64)}
+    if not all(cp.rows and ca.rows for cp, ca in cells.values()):
+        return "not run yet", f"needs {p} and {a} at ranks 4 and 64"
+    gaps = {}
+    for r, (cp, ca) in cells.items():
+        shared = sorted(set(cp.seeds) & set(ca.seeds))
+        gaps[r] = stats.item_means(cp.items(), shared) - stats.item_means(ca.items(), shared)
+    change = stats.bootstrap_mean(gaps[64] - gaps[4])
+    n = min(len(cp.seeds) for cp, _ in cells.values())
+    why = f"gap r4 {stats.bootstrap_mean(gaps[4]).fmt()}, r64 {stats.bootstrap_mean(gaps[64]).fmt()}, change {change.fmt()}"
+    if n < 3:
+        return "inconclusive at this scale", why + "; fewer than 3 seeds"
+    if change.low > 0:
+        return "supported", why + "; the gap shrinks (CI of the change above 0)"
+    if change.high < 0:
+        return "not supported", why + "; the gap grows"
+    return "inconclusive at this scale", why + "; the CI of the change includes 0"
+
+
+def sweep_section(groups) -> list[str]:
+    lines = []
+    for (task, arm, r, lr), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
+        if ARMS[arm][0] is None:
+            continue
+        seed0 = next((x for x in rows if x["seed"] == 0), None)
+        if seed0 is None:
+            continue
+        m = seed0["metrics"]
+        best = chosen(groups, task, arm, r).lr == lr
+        val_loss = f"{m['val_loss']:.3f}" if isinstance(m.get("val_loss"), float) else "-"
+        lines.append(
+            [
+                task,
+                arm,
+                str(r),
+                f"{lr:g}" + (" (chosen)" if best else ""),
+                f"{m['val_score']:.2f}",
+                val_loss,
+                f"{m['score']:.2f}",
+                f"{seed0['wall_s'] / 60:.1f}",
+            ]
+        )
+    out = [
+        "## Learning-rate sweeps (seed 0)",
+        "",
+        "The lr of every arm is chosen on the validation split (its own prompts and phrasings), never on eval.",
+        "",
+    ]
+    return (
+        out
+        + (table(["task", "arm", "rank", "lr", "val score", "val loss", "eval score", "wall min"], lines) if lines else [NOT_RUN])
+        + [""]
+    )
+
+
+def q2_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
+    lines = []
+    for arm in ["base"] + TRAINED:
+        cell = chosen(groups, "C", arm, 0 if arm == "base" else 16)
+        lines.append([arm, f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()) if cell.rows else NOT_RUN])
+    out = ["### Q2, task C (GRPO on arithmetic word problems)", ""]
+    out += ["Greedy accuracy on 256 held-out problems (templates and names never seen in training); the reward curves in the plot are "
+            "the *sampled* training rollouts (temperature 1), a different quantity, plotted separately.", ""]  # fmt: skip
+    out += table(["arm", "lr", "seeds", "greedy eval accuracy [95% CI]"], lines) + [""]
+    verdicts = []
+    for p, a in PAIRS:
+        cp, ca = chosen(groups, "C", p, 16), chosen(groups, "C", a, 16)
+        if not (cp.rows and ca.rows):
+            verdicts.append((f"C: GRPO {p} reaches parity with {a}", "not run yet", "the GRPO runs have not finished"))
+            continue
+        d = stats.paired_difference(cp.items(), ca.items())
+        n = len(set(cp.seeds) & set(ca.seeds))
+        why = f"difference {d.fmt()} ({n} seeds, parity margin +-{PARITY_MARGIN})"
+        if n < 3:
+            v = "inconclusive at this scale"
+        elif -PARITY_MARGIN <= d.low and d.high <= PARITY_MARGIN:
+            v = "supported"
+        elif d.high < -PARITY_MARGIN or d.low > PARITY_MARGIN:
+            v = "not supported"
+        else:
+            v = "inconclusive at this scale"
+        verdicts.append((f"C: GRPO {p} reaches parity with {a}", v, why))
+    return out, verdicts
+
+
+def q3_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
+    out = ["### Q3, where PreFT breaks: output length and drift from the base model (task B)", ""]
+    out += [
+        "Teacher-forced along the reference answers of task B's eval prompts (the first 128 on the CPU plan; 10 to ~215 tokens): the NLL per token in each "
+        "output segment, and the KL(adapted || base) per token, the drift that a prefill-only adapter can cause only through the "
+        "prompt's KV. The system-prompt row is the base model with the user's style written into the system prompt. "
+        "Training lists had at most 20 items (~120 tokens), so the last segment also measures length generalisation, equally for every arm.",
+        "",
+    ]
+    header = (
+        ["arm (rank 16)"]
+        + [f"NLL {s}" for s in SEGMENTS]
+        + [f"KL {s}" for s in SEGMENTS]
+        + [f"score, answers {b} tokens" for b in LENGTH_BUCKETS]
+    )
+    lines, verdicts = [], []
+    for arm in ["base", "system-prompt"] + TRAINED:
+        cell = chosen(groups, "B", arm, 0 if ARMS[arm][0] is None else 16)
+        if not cell.rows or "segments" not in cell.rows[0]["metrics"]:
+            lines.append([arm] + [NOT_RUN] + [""] * (len(header) - 2))
+            continue
+        row = [arm]
+        for key in ("nll", "kl"):
+            for s in SEGMENTS:
+                row.append(fmt(segment_estimate(cell, s, key), 3))
+        for lo, hi in LENGTH_BUCKETS.values():
+            row.append(fmt(cell.estimate_by_length(lo, hi)) if hasattr(cell, "estimate_by_length") else fmt(length_estimate(cell, lo, hi)))
+        lines.append(row)
+    out += table(header, lines) + [""]
+    for p, a in PAIRS:
+        cp, ca = chosen(groups, "B", p, 16), chosen(groups, "B", a, 16)
+        if not (cp.rows and ca.rows):
+            verdicts.append((f"B: {p}'s NLL gap to {a} grows along the output", "not run yet", "needs both arms on task B"))
+            continue
+        first, last = segment_gap(cp, ca, "1-16"), segment_gap(cp, ca, "65-256")
+        n = len(set(cp.seeds) & set(ca.seeds))
+        why = f"NLL gap ({p} - {a}) tokens 1-16: {fmt(first, 3)}, tokens 65-256: {fmt(last, 3)} ({n} seed(s))"
+        if first is None or last is None or n < 3:
+            v = "inconclusive at this scale"
+        elif last.low > first.high:
+            v = "supported"
+        elif last.high < first.low:
+            v = "not supported"
+        else:
+            v = "inconclusive at this scale"
+        verdicts.append((f"B: {p}'s NLL gap to {a} grows along the output", v, why + ("" if n >= 3 else "; fewer than 3 seeds")))
+    return out, verdicts
+
+
+def segment_estimate(cell: Cell, segment: str, key: str) -> stats.Estimate | None:
+    num, den = segment_sums(cell, segment, key)
+    return stats.bootstrap_ratio(num, den)
+
+
+def segment_sums(cell: Cell, segment: str, key: str, seeds: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per item, the segment's summed ``key`` and token count, summed over ``seeds``."""
+    rows = [r for r in cell.rows if seeds is None or r["seed"] in seeds]
+    num = np.sum([r["metrics"]["segments"][segment][key] for r in rows], axis=0)
+    den = np.sum([r["metrics"]["segments"][segment]["tokens"] for r in rows], axis=0)
+    return num, den
+
+
+def segment_gap(cp: Cell, ca: Cell, segment: str) -> stats.Estimate | None:
+    shared = sorted(set(cp.seeds) & set(ca.seeds))
+    if not shared:
+        return None
+    np_, den = segment_sums(cp, segment, "nll", shared)
+    na, _ = segment_sums(ca, segment, "nll", shared)
+    return stats.bootstrap_ratio(np_ - na, den)
+
+
+def length_estimate(cell: Cell, lo: int, hi: int) -> stats.Estimate | None:
+    ref = np.asarray(cell.rows[0]["metrics"]["reference_tokens"])
+    keep = (ref >= lo) & (ref <= hi)
+    values = stats.item_means(cell.items())[keep]
+    return stats.bootstrap_mean(values) if values.size else None
+
+
+# ---- plots -----------------------------------------------------------------------------------------
+
+
+def plots(groups, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    colors = {"LoRA": "C0", "LoRA-P": "C1", "DiReFT": "C2", "DiReFT-P": "C3", "system-prompt": "C4", "base": "C7"}
+
+    def save(fig, name):
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    # loss curves
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, task in zip(axes, "AB"):
+        for arm in TRAINED:
+            cell = chosen(groups, task, arm, 16)
+            for key, style in (("loss", "-"), ("eval_loss", "--")):
+                series = [r["metrics"]["train"][key] for r in cell.rows if r["metrics"].get("train", {}).get(key)]
+                if series:
+                    band(ax, series, colors[arm], f"{arm} {'train' if key == 'loss' else 'val'} (lr {cell.lr:g})", style)
+        ax.set(title=f"task {task}, rank 16: loss (band: min-max over seeds)", xlabel="step", ylabel="nats/token", yscale="log")
+        ax.legend(fontsize=7)
+    save(fig, "loss.png")
+    # accuracy vs rank
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, task in zip(axes, "AB"):
+        for arm in TRAINED:
+            pts = [(r, chosen(groups, task, arm, r).estimate()) for r in RANKS if chosen(groups, task, arm, r).rows]
+            if pts:
+                xs, es = [p[0] for p in pts], [p[1] for p in pts]
+                ax.errorbar(
+                    xs,
+                    [e.mean for e in es],
+                    yerr=[[e.mean - e.low for e in es], [e.high - e.mean for e in es]],
+                    color=colors[arm],
+                    marker="o",
+                    capsize=3,
+                    label=arm,
+                )
+        for arm in ("base", "system-prompt"):
+            cell = chosen(groups, task, arm, 0)
+            if cell.rows:
+                ax.axhline(cell.estimate().mean, color=colors[arm], ls=":", label=arm)
+        ax.set(title=f"task {task}: eval score vs rank (95% CI)", xlabel="rank", ylabel="eval score", xscale="log", ylim=(-0.02, 1.02))
+        ax.set_xticks(RANKS, [str(r) for r in RANKS])
+        ax.legend(fontsize=7)
+    save(fig, "rank.png")
+    # reward curves (sampled rollouts)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in TRAINED:
+        cell = chosen(groups, "C", arm, 16)
+        series = [r["metrics"]["train"]["reward"] for r in cell.rows if r["metrics"].get("train", {}).get("reward")]
+        if series:
+            band(ax, series, colors[arm], f"{arm} (lr {cell.lr:g}, {len(series)} seeds)", "-")
+    ax.set(title="task C: GRPO training reward (sampled rollouts, T=1)", xlabel="step", ylabel="mean reward")
+    ax.legend(fontsize=7)
+    save(fig, "reward.png")
+    # length map and KL curve
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for arm in ["base", "system-prompt"] + TRAINED:
+        cell = chosen(groups, "B", arm, 0 if ARMS[arm][0] is None else 16)
+        if not cell.rows or "segments" not in cell.rows[0]["metrics"]:
+            continue
+        es = [segment_estimate(cell, s, "nll") for s in SEGMENTS]
+        axes[0].errorbar(
+            range(3),
+            [e.mean for e in es],
+            yerr=[[e.mean - e.low for e in es], [e.high - e.mean for e in es]],
+            color=colors[arm],
+            marker="o",
+            capsize=3,
+            label=arm,
+        )
+        ls = [length_estimate(cell, lo, hi) for lo, hi in LENGTH_BUCKETS.values()]
+        axes[1].errorbar(
+            range(3),
+            [e.mean if e else math.nan for e in ls],
+            yerr=[[e.mean - e.low if e else 0 for e in ls], [e.high - e.mean if e else 0 for e in ls]],
+            color=colors[arm],
+            marker="o",
+            capsize=3,
+            label=arm,
+        )
+        kl = (
+            np.mean([r["metrics"]["kl_by_position"][:256] for r in cell.rows if len(r["metrics"]["kl_by_position"]) >= 1], axis=0)
+            if len({len(r["metrics"]["kl_by_position"]) for r in cell.rows}) == 1
+            else None
+        )
+        if kl is not None and arm != "base":
+            axes[2].plot(np.arange(1, len(kl) + 1), kl, color=colors[arm], label=arm)
+    axes[0].set(title="task B: NLL per output segment (95% CI)", xlabel="completion tokens", ylabel="nats/token")
+    axes[1].set(title="task B: eval score by answer length (95% CI)", xlabel="reference answer tokens", ylabel="score", ylim=(-0.02, 1.02))
+    for ax, labels in ((axes[0], list(SEGMENTS)), (axes[1], list(LENGTH_BUCKETS))):
+        ax.set_xticks(range(3), labels)
+    axes[2].set(
+        title="task B: KL(model || base) along the completion", xlabel="completion position", ylabel="nats", xscale="log", yscale="log"
+    )
+    for ax in axes:
+        ax.legend(fontsize=7)
+    save(fig, "length_kl.png")
+    return made
+
+
+def band(ax, series: list[list[list[float]]], color: str, label: str, style: str) -> None:
+    """Mean line and min-max band of ``[[step, value], ...]`` curves over seeds (steps as in the first seed)."""
+    steps = [s for s, _ in series[0]]
+    values = [[v for _, v in s][: len(steps)] for s in series if len(s) >= len(steps)]
+    arr = np.asarray(values)
+    ax.plot(steps, arr.mean(0), style, color=color, label=label)
+    if len(values) > 1:
+        ax.fill_between(steps, arr.min(0), arr.max(0), color=color, alpha=0.2)
+
+
+# ---- the page --------------------------------------------------------------------------------------
+
+INTRO = """# Quality: the PreFT claims on SmolLM2-135M-Instruct
+
+This page is generated by `python -m experiments.quality_v2.render` from
+`experiments/results/quality_v2/runs.jsonl` (one JSON line per finished run: config, seed, metrics,
+wall time); the study is run, or resumed, by `python -m experiments.quality_v2 --plan cpu|gpu`.
+Do not edit it by hand.
+
+The paper (PreFT, arXiv 2605.14217) claims: (Q1) with SFT, a prefill-only adapter (the adapter acts on the
+prompt only) is worse than the same adapter on every token at equal rank, and a higher rank closes the
+gap; (Q2) with GRPO, prefill-only reaches parity. Q3 is ours: where does PreFT break along the output, and
+is it better than simply writing the same information into the system prompt of the base model?
+"""
+
+METHOD = """## Method
+
+- **Base model**: SmolLM2-135M-Instruct, preft's built-in default, float32 on CPU. Adapters are trained with
+  `preft.train` (SFT and GRPO trainers, in-process) and evaluated by greedy generation through preft's
+  serving engine (`preft.engine.LLM`, adapters loaded from their saved folders, as a user serves them).
+- **Arms**: LoRA (all tokens) vs LoRA-P (prefill only), all linear modules, alpha = 2r; DiReFT vs DiReFT-P on
+  every layer's residual stream; *base* (no adapter: the floor); *system-prompt* (no adapter, the user's facts
+  or style written into the system prompt: the cheapest alternative a user has).
+- **Tasks** (`experiments/quality_v2/tasks.py`, seeded generators; the seed also picks the user):
+  - **A, personal facts**: eight private facts per user; no fact is ever in the prompt. Training: 480 rows in
+    5 phrasings per fact x 3 wrappers, two-fact questions in 2 templates, and capitals (to keep ordinary
+    answers ordinary). Eval: 256 prompts (96 one-fact in 3 held-out phrasings x 4 held-out wrappers, 160 two-fact in 2
+    held-out templates); score = every asked fact named in the answer.
+  - **B, style without instruction**: every answer is a bullet list ending with the user's sign-off, and the
+    prompt never asks for it. Questions with programmatic answers (multiples, counting, spelling, capitals);
+    eval: 256 prompts in held-out templates (and words and countries), 1 to 40 items (up to ~215 tokens);
+    score = style (bullets + sign-off) and content both right.
+  - **C, arithmetic word problems for GRPO**: reward 1 when the last number of the answer is right; eval: 256
+    problems in 6 held-out templates with held-out names.
+  - Train, validation and eval are disjoint by construction and asserted (`tasks.check_disjoint`: no held-out
+    prompt occurs in training, and no training prompt is an instance of a held-out template).
+- **Learning rate**: per arm a sweep of 3 values on seed 0, chosen on the validation split; then seeds 1 and 2 at
+  that lr. **CIs**: 95% percentile bootstrap over eval prompts (10,000 resamples); differences are paired
+  (every arm answers the same prompts; per-item values averaged over the seeds both arms share). The CIs cover
+  prompt sampling; with 3 seeds, seed-to-seed spread is shown separately (the loss bands), not folded in.
+"""
+
+APPENDIX = """## Appendix: the earlier toy study
+
+The first quality study ran on a 1.7M-parameter toy base model (now `experiments/toy_base/`, code in
+`experiments/quality.py`, results in `experiments/results/{sft,grpo,length}.*`). It cannot carry the paper's
+claims: one learning rate for every arm, half its eval rows appeared verbatim in training, half the eval set
+was a floor no arm could learn, GRPO parity rested on 2 seeds, and its length study measured memorisation.
+Its conclusions are withdrawn; this page replaces them.
+"""
+
+
+def render(rows: dict[str, dict], plan: Plan, out_dir: Path = RESULTS, doc: Path = DOC) -> str:
+    groups = index(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = plots(groups, out_dir) if rows else []
+    rel = Path("..") / out_dir
+    lines = [INTRO] + status_section(plan, rows) + [METHOD, "### Cuts of the CPU plan, and why", ""]
+    lines += [f"- {c}" for c in PLANS["cpu"]().cuts] + [""]
+    verdicts: list[tuple[str, str, str]] = []
+    lines += ["## Results", ""]
+    for task in "AB":
+        section, v = q1_section(groups, task)
+        lines += section
+        verdicts += v
+    section, v = q2_section(groups)
+    lines += section
+    verdicts += v
+    section, v = q3_section(groups)
+    lines += section
+    verdicts += v
+    for name, caption in (
+        ("loss.png", "Loss curves"),
+        ("rank.png", "Eval score vs rank"),
+        ("reward.png", "GRPO reward"),
+        ("length_kl.png", "Length map and KL"),
+    ):
+        if name in images:
+            lines += [f"![{caption}]({rel / name})", ""]
+    lines += [
+        "## Verdicts",
+        "",
+        "Computed from the CIs above by fixed rules (`experiments/quality_v2/render.py`); a negative or inconclusive result is a result.",
+        "",
+    ]
+    lines += table(["claim", "verdict", "why"], [[c, f"**{v}**", w] for c, v, w in verdicts]) + [""]
+    lines += sweep_section(groups) + [APPENDIX]
+    text = "\n".join(lines)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Render docs/quality.md and the plots from the study's runs.jsonl")
+    p.add_argument("--runs", type=Path, default=RUNS_FILE)
+    p.add_argument("--plan", choices=sorted(PLANS), default="cpu", help="the plan whose progress the page reports")
+    p.add_argument("--doc", type=Path, default=DOC)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of the plots")
+    args = p.parse_args(argv)
+    render(load_rows(args.runs), PLANS[args.plan](), args.out, args.doc)
+    print(f"wrote {args.doc} and plots in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

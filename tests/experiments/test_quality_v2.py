@@ -1,0 +1,193 @@
+"""The quality study's machinery (experiments/quality_v2): data, statistics, resumable runner, renderer.
+
+No model is loaded: the runner is driven by a stub run function and the renderer by fake rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from experiments.quality_v2 import render, stats, tasks
+from experiments.quality_v2.plan import CPU_BUDGET, PLANS, Plan, Run, Stage, best_lr, sweep_then_seeds
+from experiments.quality_v2.runner import execute, load_rows, pending
+
+
+@pytest.mark.parametrize("task", ["A", "B", "C"])
+def test_generators_are_deterministic_per_seed_and_differ_across_users(task):
+    first, again, other = tasks.build(task, 0), tasks.build(task, 0), tasks.build(task, 1)
+    assert first.splits == again.splits
+    assert first.splits["train"] != other.splits["train"]
+    # held-out prompts are the same for every user: arms and seeds are paired item by item
+    assert [i.prompt for i in first.splits["eval"]] == [i.prompt for i in other.splits["eval"]]
+
+
+@pytest.mark.parametrize("task", ["A", "B", "C"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_held_out_prompts_and_templates_never_occur_in_training(task, seed):
+    data = tasks.build(task, seed)  # build() asserts; check the property again directly
+    train = {i.prompt.lower() for i in data.splits["train"]}
+    for split in ("val", "eval"):
+        assert not train & {i.prompt.lower() for i in data.splits[split]}
+    assert not data.templates["train"] & data.templates["eval"]
+    assert not data.templates["train"] & data.templates["val"]
+
+
+def test_check_disjoint_catches_a_leaked_prompt_and_a_leaked_template():
+    data = tasks.build("A", 0)
+    leaked = tasks.TaskData("A", 0, {**data.splits, "train": data.splits["train"] + [data.splits["eval"][0]]}, None, data.templates)
+    with pytest.raises(tasks.LeakError, match="eval prompts also in training"):
+        tasks.check_disjoint(leaked)
+    rng = random.Random(0)
+    eval_template_row = tasks._b_item("count", "eval", rng, "Cheers, Max!", 5)  # an eval template with training's values
+    b = tasks.build("B", 0)
+    leaked = tasks.TaskData("B", 0, {**b.splits, "train": b.splits["train"] + [eval_template_row]}, None, b.templates)
+    with pytest.raises(tasks.LeakError, match="template"):
+        tasks.check_disjoint(leaked)
+
+
+@pytest.mark.parametrize("task", ["A", "B", "C"])
+def test_every_task_has_at_least_256_distinct_eval_prompts(task):
+    data = tasks.build(task, 0)
+    assert len({i.prompt for i in data.splits["eval"]}) >= 256
+    assert len(data.splits["val"]) >= 32
+
+
+def test_task_b_eval_answers_span_every_length_segment():
+    items = [len(i.answer.splitlines()) - 2 for i in tasks.build("B", 0).splits["eval"]]  # list items (a few tokens each)
+    assert min(items) == 1 and 30 <= max(items) <= tasks.B_MAX_ITEMS["eval"]
+    assert sum(n <= 3 for n in items) > 25 and sum(n >= 20 for n in items) > 25  # segments 1-16 ... 65-256 all populated
+
+
+def test_scores_accept_right_answers_and_reject_wrong_ones():
+    a = tasks.build("A", 0)
+    item = next(i for i in a.splits["eval"] if i.kind == "two facts")
+    assert tasks.score(a, item, item.answer)["score"] == 1.0
+    assert tasks.score(a, item, item.answer.split(".")[0] + ".")["score"] == 0.0  # only one of the two facts
+    b = tasks.build("B", 2)
+    item = next(i for i in b.splits["eval"] if i.kind == "count")
+    assert tasks.score(b, item, item.answer) == {"score": 1.0, "style": 1.0, "correct": 1.0}
+    no_signoff = item.answer.rsplit("\n\n", 1)[0]
+    assert tasks.score(b, item, no_signoff) == {"score": 0.0, "style": 0.0, "correct": 1.0}
+    c = tasks.build("C", 0)
+    item = c.splits["eval"][0]
+    assert tasks.score(c, item, f"So the answer is {item.answer}.")["score"] == 1.0
+    assert tasks.score(c, item, f"{int(item.answer) + 1}")["score"] == 0.0
+
+
+def test_bootstrap_ci_of_a_known_case():
+    # 0/1 scores with mean 0.5 over 400 items: the 95% CI is about +-1.96 * sqrt(0.25 / 400) = +-0.049
+    e = stats.bootstrap_mean([0, 1] * 200)
+    assert e.mean == 0.5 and e.n == 400
+    assert 0.44 < e.low < 0.46 and 0.54 < e.high < 0.56
+    assert stats.bootstrap_mean([1.0] * 50).low == 1.0  # no spread, no interval
+    assert stats.bootstrap_mean([0, 1] * 200) == e  # seeded: the same interval every time
+
+
+def test_paired_difference_cancels_item_difficulty():
+    rng = np.random.default_rng(0)
+    difficulty = rng.random(300)
+    a = {0: list(difficulty + 0.1)}
+    b = {0: list(difficulty)}
+    d = stats.paired_difference(a, b)
+    assert abs(d.mean - 0.1) < 1e-9 and d.high - d.low < 1e-9  # an unpaired CI would be ~0.07 wide
+    assert stats.paired_difference(a, {1: list(difficulty)}) is None  # no shared seed
+
+
+def test_bootstrap_ratio_is_a_per_token_mean():
+    e = stats.bootstrap_ratio([2.0, 6.0, 0.0], [1, 3, 0])
+    assert e.mean == 2.0 and e.n == 2
+
+
+def _stub_plan() -> Plan:
+    return Plan(
+        "stub", CPU_BUDGET, [Stage("sweep", "Q1", sweep_then_seeds("A", ["LoRA", "LoRA-P"], 16, (1e-3, 3e-3), CPU_BUDGET, "s"))], []
+    )
+
+
+def _stub_metrics(run: Run) -> dict:
+    return {
+        "val_score": 0.5 + run.lr * 10 * (run.arm == "LoRA"),
+        "val_loss": 1.0,
+        "score": 0.5,
+        "items": {"score": [1, 0]},
+        "kinds": ["x", "x"],
+    }
+
+
+def test_runner_skips_finished_runs_and_resumes_where_it_stopped(tmp_path):
+    path, calls = tmp_path / "runs.jsonl", []
+
+    def run_fn(run):
+        calls.append(run.run_id)
+        return _stub_metrics(run)
+
+    assert execute(_stub_plan(), run_fn, path, max_runs=3) == 3
+    assert len(load_rows(path)) == 3
+    with path.open("a") as f:
+        f.write('{"run_id": "torn')  # a kill mid-write leaves a torn line: ignored
+    first = list(calls)
+    # the rest: the 4 sweep runs, then seeds 1 and 2 of each arm at its best lr (unlocked by the sweep)
+    assert execute(_stub_plan(), run_fn, path) == 5
+    assert len(set(calls)) == len(calls) == 8, "no run ran twice"
+    assert calls[:3] == first
+    rows = load_rows(path)
+    assert {r["config"]["lr"] for r in rows.values() if r["config"]["arm"] == "LoRA" and r["seed"] > 0} == {3e-3}
+    assert all({"config", "seed", "metrics", "wall_s"} <= set(r) for r in rows.values())
+    assert execute(_stub_plan(), run_fn, path) == 0 and not pending(_stub_plan(), rows)
+
+
+def test_a_failing_run_is_skipped_and_the_study_goes_on(tmp_path):
+    path = tmp_path / "runs.jsonl"
+
+    def run_fn(run):
+        if run.arm == "LoRA" and run.lr == 1e-3:
+            raise RuntimeError("boom")
+        return _stub_metrics(run)
+
+    assert execute(_stub_plan(), run_fn, path) == 5  # 3 sweep runs + LoRA-P's 2 seeds; LoRA waits for its sweep
+    assert best_lr(load_rows(path), Run("A", "LoRA", 0, 16, budget=CPU_BUDGET), (1e-3, 3e-3)) is None
+
+
+def _fake_row(task: str, arm: str, seed: int, r: int, lr: float, p: float, rng) -> dict:
+    data = tasks.build(task, seed)
+    items = data.splits["eval"]
+    scores = [int(rng.random() < p) for _ in items]
+    run = Run(task, arm, seed, r, lr, "fake", CPU_BUDGET)
+    seg = {s: {"nll": [1.0] * len(items), "kl": [0.1] * len(items), "tokens": [4] * len(items)} for s in ("1-16", "17-64", "65-256")}
+    metrics = {
+        "score": float(np.mean(scores)), "val_score": p, "val_loss": 1.0, "eval_loss": 1.0,
+        "items": {"score": scores, **({"style": scores, "correct": scores} if task == "B" else {})},
+        "kinds": [i.kind for i in items], "reference_tokens": [len(i.answer) // 4 for i in items],
+        "segments": seg, "kl_by_position": [0.1] * 10, "nll_by_position": [1.0] * 10,
+        "train": {"loss": [[1, 2.0], [2, 1.0]], "eval_loss": [[2, 1.2]], "reward": [[1, 0.2], [2, 0.4]]},
+    }  # fmt: skip
+    if not run.trains:
+        run = Run(task, arm, seed, stage="fake")
+    return {"run_id": run.run_id, "stage": "fake", "config": run.config(), "seed": seed, "wall_s": 60.0, "metrics": metrics}
+
+
+def test_renderer_writes_the_page_and_plots_from_a_small_fake_runs_file(tmp_path):
+    rng = random.Random(0)
+    rows = [_fake_row("A", "base", s, 0, 0.0, 0.0, rng) for s in range(3)]
+    rows += [_fake_row("A", "LoRA", s, 16, 1e-3, 0.9, rng) for s in range(3)]
+    rows += [_fake_row("A", "LoRA-P", s, 16, 1e-3, 0.6, rng) for s in range(3)]
+    rows += [_fake_row("B", "LoRA-P", 0, 16, 1e-3, 0.5, rng), _fake_row("C", "LoRA", 0, 16, 1e-4, 0.3, rng)]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc, out = tmp_path / "quality.md", tmp_path / "plots"
+    assert render.main(["--runs", str(runs), "--doc", str(doc), "--out", str(out)]) == 0
+    text = doc.read_text()
+    assert "Partial results" in text and "not run yet" in text
+    assert "| A: LoRA-P is worse than LoRA at rank 16 (score) | **supported** |" in text  # 0.6 vs 0.9 over 304 paired prompts
+    assert "DiReFT-P is worse than DiReFT at rank 16 (score) | **not run yet**" in text
+    assert {p.name for p in out.glob("*.png")} == {"loss.png", "rank.png", "reward.png", "length_kl.png"}
+
+
+def test_both_plans_start_with_the_headline_runs():
+    for name in ("cpu", "gpu"):
+        first_trained = next(r for _, r in pending(PLANS[name](), {}) if r.trains)
+        assert (first_trained.task, first_trained.arm, first_trained.seed) == ("A", "LoRA", 0)
