@@ -13,7 +13,7 @@ import math
 import torch
 
 from preft.bench.throughput import MODES, BenchConfig
-from preft.engine.cli import KV_CACHE_MEMORY_HELP
+from preft.engine.config import EngineConfig, add_engine_arguments
 
 
 def _int_list(text: str) -> list[int]:
@@ -46,16 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (default inf: offline, all at once)"
     )
-    parser.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
-    parser.add_argument(
-        "--max-adapter-slots", type=int, default=None, help="device adapter slots (default: min(max-num-seqs, most adapters))"
-    )
-    parser.add_argument("--kv-cache-memory-bytes", default=None, metavar="SIZE", help=KV_CACHE_MEMORY_HELP)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--no-cuda-graphs", action="store_true")
+    # The engine's own flags (EngineConfig); here --max-adapter-slots defaults to min(max-num-seqs, most adapters),
+    # --max-cpu-adapters to max(64, 4 x most adapters) and --max-model-len to the longest prompt + output.
+    add_engine_arguments(
+        parser,
+        exclude={"seed"},  # --seed below seeds the workload and the adapters' weights
+        defaults=dict(dtype=d.dtype, max_num_seqs=d.max_num_seqs, max_num_batched_tokens=d.max_num_batched_tokens, max_adapter_slots=None,
+                      max_cpu_adapters=None),
+    )  # fmt: skip
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
     parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads, help="torch threads when --device cpu (0: leave torch's default)")
     parser.add_argument("--repeats", type=int, default=d.repeats, help="runs per point, modes interleaved; the fastest is reported")
@@ -70,7 +68,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from preft.bench import host_overhead
 
     sub = parser.add_subparsers(dest="bench_command", metavar="{host-overhead}", help="other benchmarks (default: the throughput sweep)")
-    host_overhead.add_arguments(sub.add_parser("host-overhead", help=host_overhead.__doc__.splitlines()[0], description=host_overhead.__doc__))
+    host_overhead.add_arguments(
+        sub.add_parser("host-overhead", help=host_overhead.__doc__.splitlines()[0], description=host_overhead.__doc__)
+    )
+
+
+ENGINE_ONLY_OPTIONS = ("max_cpu_adapters", "num_kv_blocks", "gpu_memory_utilization", "block_size", "max_model_len")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -92,8 +95,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_adapter_slots=args.max_adapter_slots,
         kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        enable_prefix_caching=not args.no_prefix_caching,
-        use_cuda_graphs=not args.no_cuda_graphs,
+        enable_prefix_caching=args.enable_prefix_caching,
+        use_cuda_graphs=args.use_cuda_graphs,
+        engine_options={k: getattr(args, k) for k in ENGINE_ONLY_OPTIONS if getattr(args, k) is not None},
         warmup_requests=args.warmup_requests,
         repeats=args.repeats,
         cpu_threads=args.cpu_threads,
@@ -136,8 +140,8 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
     model_dir = resolve_model(cfg.model, cache_dir, build_dtype)
     model_config = AutoConfig.from_pretrained(model_dir)
     max_len = parse_lengths(cfg.prompt_len)[1] + parse_lengths(cfg.output_len)[1] + 1
-    llm = LLM(
-        model_dir,
+    engine_config = EngineConfig(
+        model=str(model_dir),
         dtype=cfg.dtype,
         device=str(device),
         max_adapter_slots=cfg.adapter_slots,
@@ -148,7 +152,8 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
         max_model_len=max_len,
         use_cuda_graphs=cfg.use_cuda_graphs,
         kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-    )
+    ).replace(**cfg.engine_options)
+    llm = LLM(engine_config)
     dtype = getattr(llm.engine, "dtype", build_dtype)
     results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device)
     if peer == "on" or (peer == "auto" and device.type == "cuda" and peft_available()):

@@ -60,6 +60,7 @@ class BenchConfig:
     cpu_threads: int = 1  # torch intra-op threads on CPU: tiny matmuls gain nothing from more, and a shared CPU adds noise
     repeats: int = 1  # each (mode, adapters) point is run this often, modes interleaved; the fastest repeat is reported
     seed: int = 0
+    engine_options: dict = field(default_factory=dict)  # further EngineConfig fields (block_size, num_kv_blocks, ...), as given
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.modes if m not in MODES]

@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from preft.engine.config import EngineConfig, add_engine_arguments
 from preft.errors import PreftError
-
-KV_CACHE_MEMORY_HELP = (
-    "KV cache size, in bytes or with a unit (512MiB, 2GiB, 3GB); default on CPU: room for max-num-seqs sequences of "
-    "max-model-len tokens, at most 2 GiB (pages become resident only when used); on CUDA: from --gpu-memory-utilization"
-)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,13 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--kv-cache-memory-bytes", default=None, metavar="SIZE", help=KV_CACHE_MEMORY_HELP)
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_engine_arguments(parser)  # --seed is also each prompt's sampling seed
 
 
 def parse_adapter(spec: str) -> tuple[str, str, str | None]:
@@ -56,13 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from preft.engine import LLM, SamplingParams
 
     try:
-        llm = LLM(
-            args.model_dir,
-            dtype=args.dtype,
-            device=args.device,
-            max_model_len=args.max_model_len,
-            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-        )
+        llm = LLM(EngineConfig.from_args(args))
         names = []
         for spec in args.adapter:
             name, path, policy = parse_adapter(spec)

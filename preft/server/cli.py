@@ -52,7 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="refuse adapters of rank above N, at start and on runtime loads (default: no limit)",
     )
-    parser.add_argument("--seed", type=int, default=None, help="seed torch's global RNG at start (requests' own 'seed' still wins)")
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1, metavar="N", help="accepted for vLLM compatibility; only 1 is implemented"
     )
@@ -87,27 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a stream gets an error chunk and [DONE])",
     )
     ServerLimits.add_arguments(parser)
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    engine.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    engine.add_argument("--max-adapter-slots", "--max-loras", type=int, default=8, help="adapters resident on the device at once")
-    engine.add_argument("--max-cpu-adapters", "--max-cpu-loras", type=int, default=64, help="adapters kept in host memory (LRU)")
-    engine.add_argument("--num-kv-blocks", type=int, default=None, help="KV-cache blocks (overrides --kv-cache-memory-bytes)")
-    engine.add_argument(
-        "--kv-cache-memory-bytes",
-        default=None,
-        metavar="SIZE",
-        help="KV cache size, in bytes or with a unit (512MiB, 2GiB, 3GB); default on CPU: room for --max-num-seqs sequences of "
-        "--max-model-len tokens, at most 2 GiB (pages become resident only when used); on CUDA: from --gpu-memory-utilization",
-    )
-    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--block-size", type=int, default=16)
-    engine.add_argument("--max-num-seqs", type=int, default=64)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    engine.add_argument("--max-model-len", type=int, default=None)
-    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True, help="(default: on)")
-    engine.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="= --no-enable-prefix-caching")
-    engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (vLLM's flag name)")
+    from preft.engine.config import add_engine_arguments  # dataclasses and argparse only: nothing heavy
+
+    add_engine_arguments(parser)  # every engine option, one definition (preft.engine.config.EngineConfig)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -166,6 +147,7 @@ def check_adapter_rank(name: str, path: str, policy: str | None, max_rank: int |
 def build_state(args: argparse.Namespace):
     """Load the model and startup adapters; return the ``ServerState`` (engine thread started)."""
     from preft.engine import LLM
+    from preft.engine.config import EngineConfig
     from preft.engine.sampler import generation_defaults
     from preft.server.app import ServerState
     from preft.server.default_model import default_model
@@ -190,27 +172,7 @@ def build_state(args: argparse.Namespace):
         adapters[name] = (path, policy)
     for name, (path, policy) in adapters.items():  # before the model loads: a refused adapter should fail fast
         check_adapter_rank(name, path, policy, args.max_lora_rank)
-    if args.seed is not None:
-        import torch
-
-        torch.manual_seed(args.seed)
-
-    llm = LLM(
-        str(model_dir),
-        dtype=args.dtype,
-        device=args.device,
-        max_adapter_slots=args.max_adapter_slots,
-        max_cpu_adapters=args.max_cpu_adapters,
-        num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=args.enable_prefix_caching,
-        max_model_len=args.max_model_len,
-        use_cuda_graphs=not args.enforce_eager,
-        kv_cache_memory_bytes=args.kv_cache_memory_bytes,
-    )
+    llm = LLM(EngineConfig.from_args(args, model=str(model_dir)))  # --seed seeds torch's global RNG as the engine starts
     model_name = args.served_model_name or default_name or args.model_dir
     for name, (path, policy) in adapters.items():
         if name == model_name:

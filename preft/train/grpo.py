@@ -162,14 +162,15 @@ class GRPOTrainer(AdapterTrainer):
         """
         if self._engine is None:
             from preft.engine import LLM
+            from preft.engine.config import EngineConfig
 
             cfg = self.config
             dtype = next(self.model.model.parameters()).dtype
             rows = cfg.per_device_train_batch_size
             block_size = 16
             blocks_per_row = -(-(cfg.max_prompt_length + cfg.max_completion_length) // block_size)
-            self._engine = LLM(
-                self.model_dir,
+            engine_config = EngineConfig(
+                model=str(self.model_dir),
                 dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
                 device=str(self.device),
                 max_adapter_slots=1,
@@ -177,6 +178,7 @@ class GRPOTrainer(AdapterTrainer):
                 block_size=block_size,
                 max_num_seqs=rows,
             )
+            self._engine = LLM(engine_config)
         return self._engine
 
     def sync_engine_adapter(self) -> str:

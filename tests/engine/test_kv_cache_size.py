@@ -122,8 +122,8 @@ def test_serve_and_bench_flags_reach_the_engine(monkeypatch):
     class Stop(Exception):
         pass
 
-    def fake_llm(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_llm(config, **kwargs):  # the server passes one EngineConfig
+        seen.update(vars(config), **kwargs)
         raise Stop
 
     parser = argparse.ArgumentParser()
