@@ -75,7 +75,7 @@ def filter_logits(
     (vLLM's order). Each filter is ``None`` (off) or a per-row list whose neutral value (0, 1.0, 0.0) leaves that row alone.
 
     min-p keeps tokens with ``p >= min_p * p_max``; top-k keeps the ``k`` most likely (and ties of the k-th);
-    top-p keeps the smallest most-likely prefix whose mass reaches ``top_p``.
+    top-p keeps the smallest most-likely prefix (of the top-k ones) whose mass reaches ``top_p``.
     """
     vocab, device = logits.shape[-1], logits.device
     if min_p is not None:
@@ -83,14 +83,8 @@ def filter_logits(
         logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + floor[:, None], float("-inf"))
     if top_k is not None:
         top_k = [k if 0 < k < vocab else vocab for k in top_k]  # 0 (off) keeps the whole vocabulary
-    if top_p is not None:  # needs the full sort; top-k is applied on the sorted values too
-        values, order = logits.sort(-1, descending=True)
-        if top_k is not None:
-            kth = values.gather(-1, torch.tensor(top_k, device=device)[:, None] - 1)
-            values = values.masked_fill(values < kth, float("-inf"))
-        probs = values.softmax(-1)
-        drop = probs.cumsum(-1) - probs > torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
-        return logits.scatter(-1, order, values.masked_fill(drop, float("-inf")))
+    if top_p is not None:
+        return _top_k_top_p(logits, top_k or [vocab] * logits.shape[0], top_p)
     if top_k is not None:
         kmax = max(k for k in top_k if k < vocab)
         k = torch.tensor([min(k, kmax) for k in top_k], device=device)
@@ -98,6 +92,35 @@ def filter_logits(
         kth = kth.masked_fill(torch.tensor([k == vocab for k in top_k], device=device)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits
+
+
+# CPU: top-p first looks at this many likeliest tokens (a top-k, much cheaper than sorting the vocabulary on a
+# CPU) and sorts the whole vocabulary only for a batch where they may not hold the kept set.
+TOP_P_HEAD = 1024
+
+
+def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor:
+    """Top-k (``vocab`` = off), then top-p on the renormalised rest, over the tokens sorted by logit."""
+    rows, vocab = logits.shape
+    device = logits.device
+    k_off = torch.tensor([k == vocab for k in top_k], device=device)
+    p = torch.tensor(top_p, dtype=logits.dtype, device=device)
+    head = TOP_P_HEAD if device.type == "cpu" and vocab > TOP_P_HEAD and all(k <= TOP_P_HEAD or k == vocab for k in top_k) else vocab
+    while True:
+        values, order = logits.topk(head, dim=-1) if head < vocab else logits.sort(-1, descending=True)
+        kth = values.gather(-1, torch.tensor([min(k, head) for k in top_k], device=device)[:, None] - 1)
+        values = values.masked_fill(values < kth.masked_fill(k_off[:, None], float("-inf")), float("-inf"))
+        norm = values.logsumexp(-1)
+        if head < vocab:  # rows without top-k renormalise over the whole vocabulary, not the head
+            norm = torch.where(k_off, logits.logsumexp(-1), norm)
+        probs = (values - norm[:, None]).exp()
+        # Exact when every row's kept set lies in the head: a top-k row's does; another's when the head holds more than top_p.
+        if head == vocab or bool((~k_off | (probs.sum(-1) > p + 1e-4)).all()):
+            break
+        head = vocab
+    drop = probs.cumsum(-1) - probs > p[:, None]  # keep the smallest prefix whose mass reaches top_p
+    base = logits if head == vocab else torch.full_like(logits, float("-inf"))
+    return base.scatter(-1, order, values.masked_fill(drop, float("-inf")))
 
 
 DRAW_BLOCK = 256  # tokens per block of the two-level cumulative sum in ``draw``

@@ -14,7 +14,7 @@ from preft.engine.sampler import Sampler, SamplingError, apply_penalties, genera
 from preft.engine.sequence import Sequence
 from preft.errors import PreftError
 from preft.hf import generate
-from preft.hf.generate import draw, sample_next, seeded_uniforms
+from preft.hf.generate import draw, filter_logits, sample_next, seeded_uniforms
 
 PROMPT = [40, 41, 42, 43, 44, 45]
 
@@ -299,3 +299,25 @@ def test_draw_is_a_monotone_inverse_cdf_that_never_returns_a_zero_probability_to
     mass = torch.bincount(ids, minlength=vocab).double() / len(uniforms)
     assert float((mass - probs[0] / probs.sum()).abs().max()) < 2 / len(uniforms)
     assert draw(torch.tensor([[0.0, 0.0], [float("nan"), 1.0]]), torch.tensor([0.5, 0.5], dtype=torch.float64)).tolist() == [-1, -1]
+
+
+def sorted_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """The plain definition: sort the whole vocabulary, mask past the k-th, keep the prefix whose mass reaches top_p."""
+    values, order = logits.sort(-1, descending=True)
+    kth = values.gather(-1, torch.tensor([k if k > 0 else logits.shape[-1] for k in top_k])[:, None] - 1)
+    values = values.masked_fill(values < kth, float("-inf"))
+    probs = values.softmax(-1)
+    drop = probs.cumsum(-1) - probs > torch.tensor(top_p)[:, None]
+    return logits.scatter(-1, order, values.masked_fill(drop, float("-inf")))
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.1], ids=["peaked: the head holds the kept set", "flat: full sort"])
+def test_top_p_on_the_cpu_head_equals_sorting_the_whole_vocabulary(spread):
+    rows, vocab = 6, 5000
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(23)) * spread
+    top_k, top_p = [0, 5, 0, 40, 0, 1000], [0.9, 0.5, 0.99, 0.8, 0.3, 0.95]
+    got = filter_logits(logits, top_k=top_k, top_p=top_p)
+    expected = sorted_top_k_top_p(logits, top_k, top_p)
+    assert torch.equal(got.isinf(), expected.isinf())
+    torch.testing.assert_close(got[~got.isinf()], expected[~expected.isinf()])
+    assert 0 < int((~got.isinf()).sum(-1).min()) and int((~got.isinf()).sum(-1).max()) < vocab
