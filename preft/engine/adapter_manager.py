@@ -58,6 +58,10 @@ class _Entry:
     pinned: Adapter | None  # adapters registered as objects cannot be re-read from disk
 
 
+def adapter_bytes(adapter: Adapter) -> int:
+    return sum(t.numel() * t.element_size() for t in adapter.tensors.values())
+
+
 class SlotStack:
     """Stacked low-rank factors of every slot for one insertion point (a LoRA module or a ReFT layer)."""
 
@@ -117,13 +121,23 @@ class SlotStack:
 
 
 class AdapterManager:
-    def __init__(self, model_config, device: torch.device, dtype: torch.dtype, max_adapter_slots: int = 8, max_cpu_adapters: int = 64):
+    def __init__(
+        self,
+        model_config,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_adapter_slots: int = 8,
+        max_cpu_adapters: int = 64,
+        max_cpu_adapter_bytes: int = 4 << 30,
+    ):
         if max_adapter_slots < 1:
             raise PreftError(f"max_adapter_slots must be >= 1, got {max_adapter_slots}")
         self.model_config = model_config
         self.device, self.dtype = device, dtype
         self.num_slots = max_adapter_slots
         self.max_cpu_adapters = max_cpu_adapters
+        self.max_cpu_adapter_bytes = max_cpu_adapter_bytes
+        self.host_bytes = 0  # bytes of the adapters in ``host`` (pinned adapters are not counted: they cannot leave)
         self.entries: dict[str, _Entry] = {}
         self.host: OrderedDict[str, Adapter] = OrderedDict()
         self.slot_owner: list[str | None] = [None] * max_adapter_slots
@@ -172,7 +186,7 @@ class AdapterManager:
             assert self.slot_refs[slot] == 0, f"adapter {name!r} removed while slot {slot} is in use"
             self.idle.pop(slot, None)
             self._clear_slot(slot)
-        self.host.pop(name, None)
+        self._host_drop(name)
         del self.entries[name]
 
     def get(self, name: str) -> _Entry:
@@ -186,10 +200,18 @@ class AdapterManager:
         return [e.info for e in self.entries.values()]
 
     def _host_put(self, name: str, adapter: Adapter) -> None:
+        """Cache ``adapter``; the least recently used leave while the cache holds more than its count or bytes
+        (the newest always stays: it is about to be used)."""
+        self._host_drop(name)
         self.host[name] = adapter
-        self.host.move_to_end(name)
-        while len(self.host) > self.max_cpu_adapters:
-            self.host.popitem(last=False)
+        self.host_bytes += adapter_bytes(adapter)
+        while len(self.host) > 1 and (len(self.host) > self.max_cpu_adapters or self.host_bytes > self.max_cpu_adapter_bytes):
+            self._host_drop(next(iter(self.host)))
+
+    def _host_drop(self, name: str) -> None:
+        adapter = self.host.pop(name, None)
+        if adapter is not None:
+            self.host_bytes -= adapter_bytes(adapter)
 
     def _host_get(self, name: str) -> Adapter:
         entry = self.entries[name]

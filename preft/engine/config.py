@@ -46,6 +46,15 @@ class EngineConfig:
     device: str | None = field(default=None, metadata=option("cuda, cuda:1, cpu (default: cuda if available)"))
     max_adapter_slots: int = field(default=8, metadata=option("adapters resident on the device at once", "--max-loras"))
     max_cpu_adapters: int = field(default=64, metadata=option("adapters kept in host memory (LRU)", "--max-cpu-loras"))
+    max_cpu_adapter_bytes: int | str = field(
+        default="4GiB",
+        metadata=option(
+            "host memory the adapter cache may hold, in bytes or with a unit (512MiB, 4GiB); the least recently used adapters "
+            "beyond it (or beyond --max-cpu-adapters) leave host memory and are re-read from disk when needed",
+            "--max-cpu-lora-bytes",
+            metavar="SIZE",
+        ),
+    )
     num_kv_blocks: int | None = field(default=None, metadata=option("KV-cache blocks (overrides --kv-cache-memory-bytes)"))
     kv_cache_memory_bytes: int | str | None = field(
         default=None,

@@ -117,7 +117,9 @@ class LLMEngine:
         self.block_size = block_size
         if num_kv_blocks is None:
             num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs, kv_budget, max_num_batched_tokens, max_adapter_slots)
-        self.adapters = AdapterManager(self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters)
+        self.adapters = AdapterManager(
+            self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters, parse_memory_size(config.max_cpu_adapter_bytes)
+        )
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size)
         self.runner.guided = self.guided
