@@ -87,7 +87,7 @@ def fmt(e: stats.Estimate | None, digits: int = 2) -> str:
 
 
 def verdict_difference(diff: stats.Estimate | None, n_seeds: int, worse_is_claim: bool = True) -> tuple[str, str]:
-    """(verdict, reason) for the claim "the first arm is worse than the second"."""
+    """(verdict, reason) for the claim "the first arm is worse than the second" (or "better", when not ``worse_is_claim``)."""
     if diff is None:
         return "not run yet", "the runs this claim needs have not finished"
     reason = f"difference {diff.fmt()} over {diff.n} paired prompts, {n_seeds} seed(s)"
@@ -172,7 +172,11 @@ def q1_section(groups, task: str) -> tuple[list[str], list[tuple[str, str, str]]
     for arm in ("LoRA-P", "LoRA"):
         c = chosen(groups, task, arm, 16)
         d = stats.paired_difference(c.items(), sp.items()) if c.rows and sp.rows else None
-        diffs.append([f"{arm} - system-prompt", "16", fmt(d), str(len(set(c.seeds) & set(sp.seeds)))])
+        shared = len(set(c.seeds) & set(sp.seeds))
+        diffs.append([f"{arm} - system-prompt", "16", fmt(d), str(shared)])
+        if arm == "LoRA-P":
+            v, why = verdict_difference(d, shared, worse_is_claim=False)
+            verdicts.append((f"{task}: LoRA-P (r16) beats the same information in the system prompt (Q3)", v, why))
     out += ["Paired differences of the eval score (same prompts, same users; CI over prompts, items averaged over shared seeds):", ""]
     out += table(["difference", "rank", "mean [95% CI]", "shared seeds"], diffs) + [""]
     for p, a in PAIRS:
@@ -293,7 +297,8 @@ def q3_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
             for s in SEGMENTS:
                 row.append(fmt(segment_estimate(cell, s, key), 3))
         for lo, hi in LENGTH_BUCKETS.values():
-            row.append(fmt(cell.estimate_by_length(lo, hi)) if hasattr(cell, "estimate_by_length") else fmt(length_estimate(cell, lo, hi)))
+            e = length_estimate(cell, lo, hi)
+            row.append("no such prompts" if e is None else e.fmt())
         lines.append(row)
     out += table(header, lines) + [""]
     for p, a in PAIRS:
@@ -396,7 +401,9 @@ def plots(groups, out_dir: Path) -> list[str]:
             cell = chosen(groups, task, arm, 0)
             if cell.rows:
                 ax.axhline(cell.estimate().mean, color=colors[arm], ls=":", label=arm)
-        ax.set(title=f"task {task}: eval score vs rank (95% CI)", xlabel="rank", ylabel="eval score", xscale="log", ylim=(-0.02, 1.02))
+        ax.set(title=f"task {task}: eval score vs rank (95% CI)", xlabel="rank", ylabel="eval score", ylim=(-0.02, 1.02))
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
         ax.set_xticks(RANKS, [str(r) for r in RANKS])
         ax.legend(fontsize=7)
     save(fig, "rank.png")
@@ -436,12 +443,9 @@ def plots(groups, out_dir: Path) -> list[str]:
             capsize=3,
             label=arm,
         )
-        kl = (
-            np.mean([r["metrics"]["kl_by_position"][:256] for r in cell.rows if len(r["metrics"]["kl_by_position"]) >= 1], axis=0)
-            if len({len(r["metrics"]["kl_by_position"]) for r in cell.rows}) == 1
-            else None
-        )
-        if kl is not None and arm != "base":
+        kls = [r["metrics"]["kl_by_position"] for r in cell.rows]
+        kl = np.mean([k[: min(map(len, kls))] for k in kls], axis=0)
+        if arm != "base":  # the base model's KL to itself is 0
             axes[2].plot(np.arange(1, len(kl) + 1), kl, color=colors[arm], label=arm)
     axes[0].set(title="task B: NLL per output segment (95% CI)", xlabel="completion tokens", ylabel="nats/token")
     axes[1].set(title="task B: eval score by answer length (95% CI)", xlabel="reference answer tokens", ylabel="score", ylim=(-0.02, 1.02))
