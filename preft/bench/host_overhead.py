@@ -28,6 +28,7 @@ import torch
 from preft.bench.report import environment
 
 VOCAB = 1024
+MAX_ROWS = 1024  # logits rows the stub can return (one per sampling sequence)
 STAGES = ("schedule", "prepare", "adapters", "sample", "outputs")
 TARGET_MS = {"decode": 2.0, "mixed": 3.0}  # issue 12: batch-256 decode and mixed step, on the 2-core CPU
 DEFAULT_OUTPUT_DIR = Path("benchmarks") / "results" / "cpu-2026-12-02"
@@ -54,14 +55,14 @@ class StubModel(torch.nn.Module):
         gen = torch.Generator().manual_seed(0)
         logits = torch.randn(VOCAB, generator=gen)
         logits[70] = logits.max() + 1.0  # greedy: always token 70, a letter of the byte-level tokenizer
-        self.fixed = logits.to(device)
+        self.fixed = logits.to(device).repeat(MAX_ROWS, 1)  # contiguous rows, as a real LM head returns them
         self.anchor = torch.nn.Parameter(torch.zeros(1, device=device), requires_grad=False)  # so next(parameters()) works
 
     def forward(self, input_ids, *args, **kwargs):
         return torch.zeros(input_ids.shape[0], 1, device=self.fixed.device)
 
     def logits(self, hidden):
-        return self.fixed.expand(hidden.shape[0], VOCAB)
+        return self.fixed[: hidden.shape[0]]
 
 
 class StageTimers:

@@ -91,7 +91,8 @@ class LLMEngine:
         """``LLMEngine(EngineConfig(...))``, or ``LLMEngine(model, **options)`` with ``EngineConfig``'s field names."""
         config = config.replace(**options) if isinstance(config, EngineConfig) else EngineConfig.from_kwargs(config, **options)
         self.engine_config = config
-        model_dir, dtype, device, max_model_len, block_size = config.model, config.dtype, config.device, config.max_model_len, config.block_size
+        model_dir, dtype, device = config.model, config.dtype, config.device
+        max_model_len, block_size = config.max_model_len, config.block_size
         max_adapter_slots, max_cpu_adapters, num_kv_blocks = config.max_adapter_slots, config.max_cpu_adapters, config.num_kv_blocks
         gpu_memory_utilization, kv_cache_memory_bytes = config.gpu_memory_utilization, config.kv_cache_memory_bytes
         max_num_seqs, max_num_batched_tokens = config.max_num_seqs, config.max_num_batched_tokens
@@ -383,7 +384,7 @@ class LLMEngine:
         reason = None
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             reason = "stop"
-        elif len(seq.completion_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_tokens - seq.num_prompt_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if seq.guide is not None and self.guided.accept(seq, token_id) and reason is None:
             reason = "stop"  # the grammar is complete
@@ -392,17 +393,22 @@ class LLMEngine:
 
     def _request_output(self, request_id: str) -> RequestOutput:
         seqs = self.requests[request_id]
-        outputs = [seq.delta() for seq in seqs]
         first = seqs[0]
-        finished = all(s.is_finished for s in seqs)
-        metrics = {
+        finished = first.is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)  # n == 1: the hot path
+        deltas = [first.delta()] if len(seqs) == 1 else [s.delta() for s in seqs]
+        return RequestOutput(request_id, first.prompt_token_ids, deltas, finished, self._metrics(seqs) if finished else {})
+
+    @staticmethod
+    def _metrics(seqs: list[Sequence]) -> dict:
+        """A finished request's timings and cache use (built once, at the end)."""
+        first = seqs[0]
+        return {
             "arrival_time": first.arrival_time,
             "first_token_time": first.first_token_time,
-            "finished_time": time.monotonic() if finished else None,
+            "finished_time": time.monotonic(),
             "num_cached_tokens": first.num_cached_tokens,
             "num_preemptions": sum(s.num_preemptions for s in seqs),
         }
-        return RequestOutput(request_id, first.prompt_token_ids, outputs, finished, metrics)
 
     def _remove_pending_adapters(self) -> None:
         for name in list(self.pending_removal):

@@ -41,7 +41,7 @@ class AdapterRef:
         return f"{self.name}:{self.content_hash}"
 
 
-@dataclass
+@dataclass(slots=True)
 class CompletionDelta:
     """What one step added to one completion (the engine emits deltas; it never copies the output so far)."""
 
