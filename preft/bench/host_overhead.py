@@ -143,14 +143,23 @@ def _adapter_for(i: int) -> str | None:
     return None
 
 
-def _handoff(outputs) -> None:
-    """What the server's engine thread does with each step's outputs before handing them to the event loop."""
-    from preft.server import engine_loop
+def _engine_thread_copy():
+    """What the server's engine thread does to each output before handing it to the event loop: nothing since
+    issue 12 (deltas are handed over as they are); before, ``engine_loop._snapshot`` copied every cumulative output."""
+    try:
+        from preft.server import engine_loop
+    except ImportError:  # no server extras installed: there is no engine thread to measure
+        return None
+    return getattr(engine_loop, "_snapshot", None)
 
-    snapshot = getattr(engine_loop, "_snapshot", None)  # the pre-issue-12 path copied every cumulative output
-    if snapshot is not None:
+
+_HANDOFF = None
+
+
+def _handoff(outputs) -> None:
+    if _HANDOFF is not None:
         for out in outputs:
-            snapshot(out)
+            _HANDOFF(out)
 
 
 def _summarise(step: str, batch: int, totals: list[float], stages: list[dict[str, float]]) -> dict:
@@ -245,6 +254,8 @@ def run_host_overhead(cfg: HostOverheadConfig) -> dict:
     """Every shape of the module doc; returns ``{"results": [...], "environment": ...}``."""
     from tqdm.auto import tqdm
 
+    global _HANDOFF
+    _HANDOFF = _engine_thread_copy()  # resolved (imported) before anything is timed
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # host work is single-threaded Python; extra threads only add noise on a shared machine
     try:
@@ -304,7 +315,9 @@ def plot(report: dict, path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = HostOverheadConfig()
-    parser.add_argument("--json", type=Path, default=DEFAULT_OUTPUT_DIR / "host_overhead.json", help="results file (.md and .png beside it)")
+    parser.add_argument(
+        "--json", type=Path, default=DEFAULT_OUTPUT_DIR / "host_overhead.json", help="results file (.md and .png beside it)"
+    )
     parser.add_argument("--batches", default=",".join(map(str, d.batches)), help="decode batch sizes, comma-separated")
     parser.add_argument("--mixed-decodes", type=int, default=d.mixed_decodes, help="decodes in the mixed step (-1: no mixed step)")
     parser.add_argument("--mixed-prefill", type=int, default=d.mixed_prefill, help="prefill chunk of the mixed step, tokens")
