@@ -96,10 +96,14 @@ class ServerState:
         from preft.adapters.io import CONFIG_NAME, PEFT_BIN_NAME, WEIGHTS_NAME
 
         root = self.adapter_root.resolve()
-        candidate = Path(path).expanduser()
-        resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        # Symlinks resolved for the folder and for each file read: a link inside the root may point anywhere.
-        files = [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME, PEFT_BIN_NAME) if (resolved / name).exists()]
+        try:
+            candidate = Path(path).expanduser()
+            resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+            # Symlinks resolved for the folder and for each file read: a link inside the root may point anywhere.
+            files = [(resolved / name).resolve() for name in (CONFIG_NAME, WEIGHTS_NAME, PEFT_BIN_NAME) if (resolved / name).exists()]
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop
+            reason = getattr(e, "strerror", None) or type(e).__name__
+            raise APIError(400, f"the adapter path cannot be resolved: {reason}", param="lora_path") from None
         if not all(p.is_relative_to(root) for p in [resolved, *files]):
             raise APIError(403, "the adapter path leads outside --adapter-root", param="lora_path", code="forbidden")
         return str(resolved)

@@ -68,6 +68,7 @@ CHAT = {"model": "lora-p", "max_tokens": 2}
         ("/v1/load_lora_adapter", {"lora_name": "has space", "lora_path": "lora-a"}, 400, "lora_name"),
         ("/v1/load_lora_adapter", {"lora_name": "x" * 129, "lora_path": "lora-a"}, 400, "lora_name"),
         ("/v1/load_lora_adapter", {"lora_name": "nul", "lora_path": "lora-a\x00"}, 400, "lora_path"),
+        ("/v1/load_lora_adapter", {"lora_name": "long", "lora_path": "x" * 5000}, 400, "lora_path"),
         ("/v1/unload_lora_adapter", {"lora_name": "lora-p"}, 403, "lora_name"),
     ],
 )
