@@ -141,6 +141,23 @@ def save_adapter_into(model: PreftModel, name: str, folder: Path) -> Path:
     return folder
 
 
+def model_card(config: TrainConfig, model_dir: str, trainer: str) -> str:
+    """The ``README.md`` written beside the final adapter (as TRL/PEFT write one): what it is and how to load it."""
+    load = (
+        "from peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, OUTPUT_DIR)  # applies it to every token (policy all)\n"
+        if config.adapter == "lora"
+        else "# PEFT has no ReFT method: PeftModel.from_pretrained refuses this folder (KeyError: 'PREFT_REFT').\n"
+    )
+    return (
+        f"---\nbase_model: {model_dir}\nlibrary_name: preft\ntags: [preft, {config.adapter}, {trainer}]\n---\n\n"
+        f"# {config.adapter} adapter (r={config.r}, policy={config.policy}) trained by preft {trainer}\n\n"
+        "`adapter_config.json` + `adapter_model.safetensors` (the PEFT layout; the `preft` section records the policy). "
+        "Every `checkpoint-<step>/` holds the same two files.\n\n"
+        "```python\nfrom preft.adapters import load_adapter\nadapter = load_adapter(OUTPUT_DIR)  # or: preft serve MODEL --adapter name=OUTPUT_DIR\n"
+        f"{load}```\n"
+    )
+
+
 def set_adapter_dropout(model: PreftModel, training: bool) -> None:
     """Only the adapters' dropout follows train/eval; the frozen base stays in eval mode."""
     for name, module in model.named_modules():
@@ -322,6 +339,7 @@ class AdapterTrainer:
         if self.is_main:  # the final adapter lives in output_dir itself, as TRL/PEFT users load it
             save_adapter_into(self.model, self.name, self.output_dir)
             self.write_trainer_state(self.output_dir)
+            (self.output_dir / "README.md").write_text(model_card(cfg, self.model_dir, type(self).__name__))
             plot = self.metrics.plot(self.plot_panels, self.plot_name, title=f"{cfg.adapter} r={cfg.r} policy={cfg.policy}")
         self.accelerator.wait_for_everyone()
         return TrainResult(self.output_dir, self.output_dir, self.step, list(self.metrics.rows), plot)

@@ -51,6 +51,7 @@ def test_peft_loads_the_final_adapter_from_output_dir_and_every_checkpoint(tmp_p
             want = preft_model(ids, adapter_mask=torch.ones(ids.shape), adapter_names="a").logits
         assert torch.allclose(logits[where.name], want, atol=1e-5), where
     assert torch.equal(logits["run"], logits["checkpoint-4"]) and not torch.allclose(logits["checkpoint-2"], logits["run"])
+    assert "PeftModel.from_pretrained" in (out / "README.md").read_text()  # the model card says how to load it
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and [r["step"] for r in state["log_history"]] == [1, 2]
 
@@ -72,6 +73,8 @@ def test_reft_adapters_load_with_preft_not_peft(tmp_path, tiny_llama, toy_sft):
         assert load_adapter(where).kind == "direft"  # preft's loader reads the same layout
     with pytest.raises(Exception):  # noqa: B017  PEFT has no ReFT method: it refuses the folder (KeyError 'PREFT_REFT')
         PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), str(out))
+    card = (out / "README.md").read_text()
+    assert "load_adapter(OUTPUT_DIR)" in card and "PEFT has no ReFT method" in card
 
 
 def test_dataset_name_folder_trains_on_its_train_split_and_evaluates_on_test(tmp_path, tiny_llama):
