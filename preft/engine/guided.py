@@ -2,7 +2,8 @@
 
 A request's ``SamplingParams.structured`` names its grammar, one of:
 
-- ``{"json": schema}``: JSON valid against a JSON schema (``schema`` ``None``: any JSON object);
+- ``{"json": schema}``: JSON valid against a JSON schema (``schema`` ``None``: any JSON object, as
+  OpenAI's ``json_object``);
 - ``{"regex": pattern}``, ``{"choice": [str, ...]}``, ``{"grammar": ebnf}`` (GBNF / xgrammar EBNF).
 
 Grammars are compiled once per distinct spec (xgrammar's compiler caches them) when the request is
@@ -70,7 +71,9 @@ def _grammar(xgr, spec: dict):
     kind, value = next(iter(spec.items()))
     if kind == "json":
         # No free whitespace: a small model given a choice may emit newlines forever inside an object.
-        return xgr.Grammar.builtin_json_grammar() if value is None else xgr.Grammar.from_json_schema(value, any_whitespace=False)
+        if value is None:  # any JSON object (OpenAI's json_object), compact
+            return xgr.Grammar.from_json_schema({"type": "object"}, any_whitespace=False, strict_mode=False)
+        return xgr.Grammar.from_json_schema(value, any_whitespace=False)
     if kind == "regex":
         return xgr.Grammar.from_regex(value)
     if kind == "choice":

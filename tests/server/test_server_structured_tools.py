@@ -100,8 +100,9 @@ def test_response_format_json_schema_and_json_object_parse_and_validate_streamed
     sampled = chat(server, client, messages=messages, response_format=schema_format, max_tokens=160, temperature=1.0, seed=3, n=2)
     for choice in sampled.choices:
         jsonschema.validate(json.loads(choice.message.content), PERSON)
-    anything = chat(server, client, messages=messages, response_format={"type": "json_object"}, max_tokens=80)
-    assert isinstance(json.loads(anything.choices[0].message.content), dict | list)
+    favourite = [{"role": "user", "content": 'Give a JSON object with the key "color" and your favourite color.'}]
+    anything = chat(server, client, messages=favourite, response_format={"type": "json_object"}, max_tokens=80)
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
 
 
 def test_vllm_guided_extras_constrain_chat_and_completions(server, client):
