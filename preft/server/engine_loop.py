@@ -65,7 +65,7 @@ class EngineLoop:
     def __init__(self, llm: Any, metrics: Metrics | None = None, idle_poll_s: float = 0.5):
         self.llm = llm
         self.engine = llm.engine
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(getattr(llm, "model_name", "preft"))  # the model_name label
         self._idle_poll_s = idle_poll_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}

@@ -272,14 +272,19 @@ def test_openai_client_raises_its_typed_errors(server):
 
 
 def test_metrics_count_requests_tokens_and_latencies(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
     client.completions.create(model="lora-p", prompt="metrics", max_tokens=3, temperature=0)
-    text = httpx.get(server.url + "/metrics").text
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if line and not line.startswith("#")}
-    assert values["preft_generation_tokens_total"] >= 3 and values["preft_prompt_tokens_total"] >= 7
-    assert values["preft_time_to_first_token_seconds_count"] >= 1 and values["preft_time_per_output_token_seconds_count"] >= 2
-    assert sum(v for k, v in values.items() if k.startswith("preft_requests_total")) >= 1
-    assert values["preft_kv_blocks_used"] == 0 and values["preft_adapter_slots_total"] == 4 and values["preft_num_requests_running"] == 0
-    assert "preft_cpu_adapter_cache_hits_total" in values and "preft_cpu_adapter_cache_misses_total" in values
+    families = text_string_to_metric_families(httpx.get(server.url + "/metrics").text)
+    samples = [s for family in families for s in family.samples]
+    assert all(s.labels.get("model_name") == server.state.model_name for s in samples)  # vLLM's label, on every series
+    values = {s.name: s.value for s in samples if set(s.labels) == {"model_name"}}
+    assert values["vllm:generation_tokens_total"] >= 3 and values["vllm:prompt_tokens_total"] >= 7
+    assert values["vllm:time_to_first_token_seconds_count"] >= 1 and values["vllm:time_per_output_token_seconds_count"] >= 2
+    assert sum(s.value for s in samples if s.name == "vllm:request_success_total") >= 1
+    assert values["preft:kv_blocks_used"] == 0 and values["vllm:kv_cache_usage_perc"] == 0 and values["preft:adapter_slots_total"] == 4
+    assert values["vllm:num_requests_running"] == 0
+    assert "preft:cpu_adapter_cache_hits_total" in values and "preft:cpu_adapter_cache_misses_total" in values
 
 
 def test_client_disconnect_mid_stream_aborts_and_frees_kv_blocks_and_slot(server):
