@@ -37,12 +37,15 @@ def completion_loss_and_stats(model: PreftModel, batch: Batch, adapter_name: str
     logits, start = completion_logits(model, batch, adapter_name)
     mask = batch.completion_mask
     nll = -(gather_logprobs(logits, batch, start) * mask).sum()
-    with torch.no_grad():
-        loss_mask = mask[:, start:]
-        correct = ((logits.argmax(-1) == batch.input_ids[:, start:]).float() * loss_mask).sum()
-        logp = torch.log_softmax(logits, dim=-1)
-        entropy = (-(logp.exp() * logp).sum(-1) * loss_mask).sum()
-        stats = torch.stack([loss_mask.sum(), correct, entropy]).double()
+    with torch.no_grad():  # over the completion tokens only, a few rows of [vocab] at a time (no second [B, T, vocab] tensor)
+        where = mask[:, start:].nonzero()  # [n, 2]: (row, column) of each completion token
+        targets = batch.input_ids[:, start:]
+        stats = torch.zeros(3, dtype=torch.float64, device=logits.device)
+        for rows, cols in (chunk.unbind(1) for chunk in where.split(256)):
+            part = logits[rows, cols]
+            logp = torch.log_softmax(part, dim=-1)
+            hits = (part.argmax(-1) == targets[rows, cols]).sum()
+            stats += torch.stack([torch.tensor(float(len(rows)), device=part.device), hits, -(logp.exp() * logp).sum()]).double()
     return nll, stats
 
 
