@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     lora.add_argument(
         "--max-lora-rank",
         type=int,
-        default=None,
+        default=512,
         metavar="N",
-        help="refuse adapters of rank above N, at start and on runtime loads (default: no limit)",
+        help="refuse adapters of rank above N, at start and on runtime loads (default 512; a huge rank widens every slot's "
+        "stacks); vLLM's default is 16",
     )
     parser.add_argument(
         "--tensor-parallel-size", type=int, default=1, metavar="N", help="accepted for vLLM compatibility; only 1 is implemented"
