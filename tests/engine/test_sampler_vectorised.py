@@ -321,3 +321,31 @@ def test_top_p_on_the_cpu_head_equals_sorting_the_whole_vocabulary(spread):
     assert torch.equal(got.isinf(), expected.isinf())
     torch.testing.assert_close(got[~got.isinf()], expected[~expected.isinf()])
     assert 0 < int((~got.isinf()).sum(-1).min()) and int((~got.isinf()).sum(-1).max()) < vocab
+
+
+@pytest.mark.parametrize("with_logprobs", [False, True])
+def test_one_step_copies_to_the_host_once(monkeypatch, with_logprobs):
+    """Sampled ids (and logprobs) come back in one ``tolist``; no ``item``/``bool``/``int``/``float`` syncs per row."""
+    specs = [dict(spec, logprobs=2 if with_logprobs else None) for spec in MIXED if "top_p" not in spec]  # CPU top-p may check its head
+    logits, seqs = random_logits(len(specs), seed=29), make_seqs(specs)
+    for seq in seqs:
+        seq.logprobs = [] if with_logprobs else None
+    copies = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _name=name, _original=original: copies.append(_name) or _original(self, *a)
+        )
+    Sampler()(logits, seqs)
+    monkeypatch.undo()
+    assert copies == ["tolist"]
+
+
+def test_unseeded_requests_get_random_seeds_that_torch_manual_seed_fixes(family_pair):
+    llm, _ = family_pair("llama")
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(completion(llm, params).token_ids)
+    assert runs[0] == runs[1] != runs[2]
