@@ -139,6 +139,8 @@ class AdapterManager:
         self.max_cpu_adapter_bytes = max_cpu_adapter_bytes
         self.host_bytes = 0  # bytes of the adapters in ``host`` (pinned adapters are not counted: they cannot leave)
         self.entries: dict[str, _Entry] = {}
+        self.users: dict[str, set[str]] = {}  # adapter name -> ids of the requests that use it
+        self.pending_removal: set[str] = set()  # removed while in use: gone when its last request ends
         self.host: OrderedDict[str, Adapter] = OrderedDict()
         self.slot_owner: list[str | None] = [None] * max_adapter_slots
         self.slot_refs = [0] * max_adapter_slots
@@ -178,8 +180,42 @@ class AdapterManager:
             self._host_put(name, adapter)
         return info
 
-    def remove(self, name: str) -> None:
-        """Unregister ``name`` (the engine checks no request uses it first)."""
+    # ---- lifecycle: requests use an adapter; one in use is removed when its last request ends --------
+
+    def use(self, name: str, request_id: str) -> AdapterRef:
+        """Record that ``request_id`` uses ``name`` (until ``done``); an adapter being removed takes no new requests."""
+        if name in self.pending_removal:
+            raise PreftError(f"adapter {name!r} is being removed; it takes no new requests")
+        ref = self.get(name).ref
+        self.users.setdefault(name, set()).add(request_id)
+        return ref
+
+    def done(self, name: str, request_id: str) -> None:
+        """``request_id`` ended; if it was the last user of an adapter waiting for removal, remove that adapter now."""
+        users = self.users.get(name)
+        if users is not None:
+            users.discard(request_id)
+            if not users:
+                del self.users[name]
+        if name in self.pending_removal and name not in self.users:
+            self.pending_removal.discard(name)
+            self._unregister(name)
+
+    def remove(self, name: str, wait: bool = False) -> None:
+        """Unregister ``name``. In use: raise ``AdapterInUseError`` naming the requests, or with ``wait=True``
+        refuse new requests for it and remove it when its last request ends (``done``)."""
+        self.get(name)
+        users = sorted(self.users.get(name, ()))
+        if not users:
+            self.pending_removal.discard(name)
+            self._unregister(name)
+        elif wait:
+            self.pending_removal.add(name)
+        else:
+            raise AdapterInUseError(f"adapter {name!r} is in use by request(s) {users}; abort them or remove with wait=True")
+
+    def _unregister(self, name: str) -> None:
+        """Drop ``name`` from the registry, the host cache and its device slot (no request may use it)."""
         self.get(name)
         slot = self.slot_of.pop(name, None)
         if slot is not None:
@@ -197,7 +233,8 @@ class AdapterManager:
         return self.entries[name]
 
     def list(self) -> list[AdapterInfo]:
-        return [e.info for e in self.entries.values()]
+        """Registered adapters that take requests (not those waiting for removal)."""
+        return [e.info for name, e in self.entries.items() if name not in self.pending_removal]
 
     def _host_put(self, name: str, adapter: Adapter) -> None:
         """Cache ``adapter``; the least recently used leave while the cache holds more than its count or bytes

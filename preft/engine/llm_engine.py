@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer
 
 from preft.adapters import Adapter
-from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, AdapterManager
+from preft.engine.adapter_manager import AdapterInfo, AdapterManager
 from preft.engine.block_manager import BlockManager
 from preft.engine.config import EngineConfig
 from preft.engine.guided import GuidedDecoding
@@ -130,7 +130,6 @@ class LLMEngine:
         self.use_cuda_graphs = use_cuda_graphs and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.errors: dict[str, str] = {}  # request id -> why it failed in this step (see _run_isolated)
-        self.pending_removal: set[str] = set()
         self.prompt_tokens = 0
         self.generation_tokens = 0
         if self.device.type == "cuda":  # nothing is compiled or captured lazily on CPU: no warm-up there
@@ -219,20 +218,10 @@ class LLMEngine:
     def remove_adapter(self, name: str, wait: bool = False) -> None:
         """Unregister ``name``. In use: raise ``AdapterInUseError`` naming the requests, or with ``wait=True``
         refuse new requests for it and remove it when its last request finishes."""
-        self.adapters.get(name)
-        users = sorted(
-            {s.request_id for seqs in self.requests.values() for s in seqs if s.adapter and s.adapter.name == name and not s.is_finished}
-        )
-        if not users:
-            self.adapters.remove(name)
-            self.pending_removal.discard(name)
-        elif wait:
-            self.pending_removal.add(name)
-        else:
-            raise AdapterInUseError(f"adapter {name!r} is in use by request(s) {users}; abort them or remove with wait=True")
+        self.adapters.remove(name, wait)  # the lifecycle lives in the adapter manager
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return [info for info in self.adapters.list() if info.name not in self.pending_removal]
+        return self.adapters.list()
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -256,11 +245,9 @@ class LLMEngine:
             raise PreftError(
                 f"prompt needs {-(-len(token_ids) // self.block_size)} KV blocks, the pool has {self.block_manager.num_blocks}"
             )
-        ref = None
-        if adapter is not None:
-            if adapter in self.pending_removal:
-                raise PreftError(f"adapter {adapter!r} is being removed; it takes no new requests")
-            ref = self.adapters.get(adapter).ref
+        ref = None if adapter is None else self.adapters.get(adapter).ref  # registered as a user once the request is accepted
+        if adapter is not None and adapter in self.adapters.pending_removal:
+            raise PreftError(f"adapter {adapter!r} is being removed; it takes no new requests")
         params.check_vocab(vocab)
         seed = request_seed(params.seed)  # unseeded: a random seed now; completion i samples with seed + i
         seqs = [Sequence(request_id, token_ids, params, ref, index, seed + index) for index in range(params.n)]
@@ -272,6 +259,8 @@ class LLMEngine:
             for seq in seqs:
                 seq.guide = self.guided.matcher(params.structured)
         self.requests[request_id] = seqs
+        if adapter is not None:
+            self.adapters.use(adapter, request_id)
         for seq in seqs:
             self.scheduler.add(seq)
 
@@ -283,9 +272,8 @@ class LLMEngine:
         for seq in self.requests[request_id]:
             self.scheduler.finish(seq, "abort")
         out = self._request_output(request_id)
-        del self.requests[request_id]
+        self._forget_request(request_id)
         self.errors.pop(request_id, None)
-        self._remove_pending_adapters()
         return out
 
     def stop_sequence(self, request_id: str, index: int = 0) -> None:
@@ -296,9 +284,8 @@ class LLMEngine:
             return
         self.scheduler.finish(seqs[index], "stop")
         if all(s.is_finished for s in seqs):
-            del self.requests[request_id]
+            self._forget_request(request_id)
             self.errors.pop(request_id, None)
-            self._remove_pending_adapters()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -329,8 +316,7 @@ class LLMEngine:
         for out in outputs:
             out.error = self.errors.pop(out.request_id, None)
             if out.finished:
-                del self.requests[out.request_id]
-        self._remove_pending_adapters()
+                self._forget_request(out.request_id)
         return outputs
 
     def _run_isolated(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[int]]:
@@ -410,11 +396,11 @@ class LLMEngine:
             "num_preemptions": sum(s.num_preemptions for s in seqs),
         }
 
-    def _remove_pending_adapters(self) -> None:
-        for name in list(self.pending_removal):
-            if not any(s.adapter and s.adapter.name == name for seqs in self.requests.values() for s in seqs):
-                self.adapters.remove(name)
-                self.pending_removal.discard(name)
+    def _forget_request(self, request_id: str) -> None:
+        """The request ended: drop it, and tell the adapter manager its adapter has one user less."""
+        seqs = self.requests.pop(request_id)
+        if seqs[0].adapter is not None:
+            self.adapters.done(seqs[0].adapter.name, request_id)
 
     def stats(self) -> dict:
         return dict(

@@ -8,7 +8,7 @@ from engine_helpers import adapter_config, adapter_name, assert_matches_referenc
 import preft.engine.adapter_manager as adapter_manager
 from preft.adapters import save_adapter
 from preft.engine import LLM, AdapterInUseError, SamplingParams, UnknownAdapterError
-from preft.errors import AdapterShapeError, BaseModelMismatchError
+from preft.errors import AdapterShapeError, BaseModelMismatchError, PreftError
 from preft.hf import generate
 from preft.tiny import random_adapter
 
@@ -130,6 +130,27 @@ def test_remove_adapter_in_use_names_the_requests(family_pair):
     while engine.has_unfinished_requests():
         engine.step()
     assert "temp" not in engine.adapters.entries
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_used"] == 0
+
+
+def test_adapter_lifecycle_users_and_pending_removal_live_in_the_adapter_manager(family_pair):
+    llm, ref = family_pair("mistral")
+    engine, manager = llm.engine, llm.engine.adapters
+    llm.add_adapter("temp2", ref.get_adapter(adapter_name("direft", "prefill", 2)))
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True), "temp2")
+    engine.add_request("b", [5, 6], SamplingParams(max_tokens=20, ignore_eos=True, n=2), "temp2")
+    assert manager.users["temp2"] == {"a", "b"}
+    engine.remove_adapter("temp2", wait=True)
+    with pytest.raises(PreftError, match="'temp2' is being removed"):
+        engine.add_request("c", [5], SamplingParams(), "temp2")
+    engine.step()
+    engine.abort_request("a")
+    assert "temp2" in manager.entries and manager.users["temp2"] == {"b"}
+    engine.stop_sequence("b", 0)
+    assert "temp2" in manager.entries  # completion 1 of 'b' still runs
+    engine.stop_sequence("b", 1)  # its last completion: the adapter goes with it
+    assert "temp2" not in manager.entries and "temp2" not in manager.users and not manager.pending_removal
+    assert not engine.has_unfinished_requests()
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["adapter_slots_used"] == 0
 
 
