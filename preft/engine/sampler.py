@@ -243,4 +243,7 @@ def generation_defaults(source: str, model_dir: str | Path) -> dict[str, float]:
     except (OSError, json.JSONDecodeError) as e:
         raise PreftError(f"generation_config.json is not readable JSON: {e}") from None
     values = {name: config.get(key) for key, name in GENERATION_DEFAULTS.items()}
-    return {name: v for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    defaults = {name: v for name, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    if "top_k" in defaults:
+        defaults["top_k"] = max(int(defaults["top_k"]), 0)  # -1 (vLLM) and 0 both mean off
+    return defaults

@@ -277,10 +277,10 @@ def test_generation_config_defaults_auto_vllm_and_a_folder(tmp_path):
     model, other = tmp_path / "model", tmp_path / "other"
     model.mkdir(), other.mkdir()
     (model / "generation_config.json").write_text('{"temperature": 0.6, "top_p": 0.9, "top_k": 20, "eos_token_id": 2, "do_sample": true}')
-    (other / "generation_config.json").write_text('{"repetition_penalty": 1.1, "min_p": 0.05}')
+    (other / "generation_config.json").write_text('{"repetition_penalty": 1.1, "min_p": 0.05, "top_k": -1, "temperature": null}')
     assert generation_defaults("auto", model) == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
     assert generation_defaults("vllm", model) == {}
-    assert generation_defaults(str(other), model) == {"repetition_penalty": 1.1, "min_p": 0.05}
+    assert generation_defaults(str(other), model) == {"repetition_penalty": 1.1, "min_p": 0.05, "top_k": 0}
     assert generation_defaults("auto", tmp_path) == {}
     with pytest.raises(PreftError, match="no generation_config.json"):
         generation_defaults(str(tmp_path), model)
