@@ -53,7 +53,7 @@ def seeded_uniforms(seeds: list[int], steps: list[int], device: torch.device | s
     step = torch.tensor(steps, dtype=torch.int64, device=device) & MASK32
     key = _mix32(_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi) ^ step)
     a, b = _mix32(key ^ 0x85EBCA6B), _mix32(key ^ 0xC2B2AE35)
-    return ((a << 21) | (b >> 11)).double() * 2.0**-53  # 53 random bits: every float64 in [0, 1) grid equally likely
+    return ((a << 21) | (b >> 11)).double() * 2.0**-53  # 53 random bits: each multiple of 2**-53 in [0, 1) equally likely
 
 
 def random_seeds(count: int) -> list[int]:
