@@ -8,8 +8,9 @@ host adds to every device step; on a GPU it is pure overhead unless it overlaps 
 Shapes: decode steps of 1, 64 and 256 sequences (half of them with prefill-policy adapters, one in
 eight with an ``all``-policy one, the rest base) and a mixed step of 255 decodes plus one 512-token
 prefill chunk. The breakdown comes from timers wrapped around the engine's own methods
-(``Scheduler.schedule``, ``ModelRunner.prepare``, ``ModelRunner.prepare_adapters``, the sampler);
-``outputs`` is the rest of the step (post-processing, stop checks, building the outputs, hand-off).
+(``Scheduler.schedule``, ``ModelRunner.prepare``, ``ModelRunner.prepare_adapters``, ``ModelRunner.run``):
+``sample`` is the rest of ``run`` after the forward (logits rows, checks, the sampler), ``outputs`` the
+rest of the step (stop checks, post-processing, building the deltas, the hand-off to the server).
 """
 
 from __future__ import annotations
@@ -165,11 +166,16 @@ def _handoff(outputs) -> None:
 def _summarise(step: str, batch: int, totals: list[float], stages: list[dict[str, float]]) -> dict:
     ms = sorted(t * 1e3 for t in totals)
     p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    breakdown = {}
-    for stage in STAGES[:-1]:
-        breakdown[stage] = statistics.median(s.get(stage, 0.0) * 1e3 for s in stages)
-    outputs = [(t - sum(s.get(k, 0.0) for k in (*STAGES[:-1], "forward"))) * 1e3 for t, s in zip(totals, stages)]
-    breakdown["outputs"] = max(0.0, statistics.median(outputs))
+    # sample: the rest of ModelRunner.run after the (stubbed) forward: logits rows, checks, the sampler;
+    # outputs: the rest of the step after the runner: stop checks, post-processing, the deltas, the hand-off.
+    per_step = []
+    for t, s in zip(totals, stages):
+        run = s.get("run", 0.0)
+        sample = max(0.0, run - s.get("prepare", 0.0) - s.get("adapters", 0.0) - s.get("forward", 0.0))
+        outputs = max(0.0, t - s.get("schedule", 0.0) - run)
+        per_step.append({"schedule": s.get("schedule", 0.0), "prepare": s.get("prepare", 0.0), "adapters": s.get("adapters", 0.0),
+                         "sample": sample, "outputs": outputs})  # fmt: skip
+    breakdown = {stage: statistics.median(p[stage] * 1e3 for p in per_step) for stage in STAGES}
     return {
         "step": step,
         "batch": batch,
@@ -197,7 +203,7 @@ def _instrument(engine) -> StageTimers:
     timers.wrap(engine.scheduler, "schedule", "schedule")
     timers.wrap(engine.runner, "prepare", "prepare")
     timers.wrap(engine.runner, "prepare_adapters", "adapters")
-    timers.wrap(engine.runner, "sampler", "sample")
+    timers.wrap(engine.runner, "run", "run")
     timers.wrap(engine.runner.model, "forward", "forward")
     return timers
 
