@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a stream gets an error chunk and [DONE])",
     )
     ServerLimits.add_arguments(parser)
-    from preft.engine.config import add_engine_arguments  # dataclasses and argparse only: nothing heavy
+    from preft.engine.config import add_engine_arguments
 
     add_engine_arguments(parser)  # every engine option, one definition (preft.engine.config.EngineConfig)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
