@@ -122,7 +122,9 @@ class LLMEngine:
             self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters, parse_memory_size(config.max_cpu_adapter_bytes)
         )
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.adapters, num_kv_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len)
+        self.runner = ModelRunner(
+            self.model, self.adapters, num_kv_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len
+        )
         self.runner.guided = self.guided
         self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
         # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
