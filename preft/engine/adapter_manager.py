@@ -51,6 +51,15 @@ class AdapterInfo:
     path: str | None
 
 
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter ready to register: validated, on the CPU in the engine's dtype, hashed (``AdapterManager.prepare``)."""
+
+    adapter: Adapter
+    path: str | None  # the folder it was read from (None: held in memory only)
+    content_hash: str
+
+
 @dataclass
 class _Entry:
     info: AdapterInfo
@@ -157,15 +166,13 @@ class AdapterManager:
 
     # ---- registry ----------------------------------------------------------------------------
 
-    def add(
-        self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None, path: str | os.PathLike | None = None
-    ) -> AdapterInfo:
-        """Register ``name`` from a directory or an ``Adapter``; validated against the base model now.
+    def prepare(
+        self, source: str | os.PathLike | Adapter, policy: str | None = None, path: str | os.PathLike | None = None
+    ) -> PreparedAdapter:
+        """Read (from a folder), validate against the base model, convert to the engine's dtype and hash an adapter.
 
-        An ``Adapter`` stays pinned in host memory, unless ``path`` names the folder it was read from: then
-        it is cached like one read here, and re-read (its content hash checked) after an eviction."""
-        if name in self.entries:
-            raise PreftError(f"adapter {name!r} is already registered; remove it first or pick another name")
+        Touches no state of the manager, so it may run on any thread: a server prepares adapters off the
+        engine thread and ``add`` then only registers them."""
         if isinstance(source, Adapter):
             adapter, path = source.with_policy(policy), None if path is None else str(path)
             adapter.validate(self.model_config)
@@ -173,8 +180,25 @@ class AdapterManager:
             path = str(source)
             adapter = load_adapter(path, policy=policy, model_config=self.model_config)
         adapter = adapter.to("cpu", self.dtype)
+        return PreparedAdapter(adapter, path, adapter.content_hash())
+
+    def add(
+        self,
+        name: str,
+        source: str | os.PathLike | Adapter | PreparedAdapter,
+        policy: str | None = None,
+        path: str | os.PathLike | None = None,
+    ) -> AdapterInfo:
+        """Register ``name`` from a directory, an ``Adapter`` or a ``PreparedAdapter``; validated against the base model.
+
+        An ``Adapter`` stays pinned in host memory, unless ``path`` names the folder it was read from: then
+        it is cached like one read here, and re-read (its content hash checked) after an eviction."""
+        if name in self.entries:
+            raise PreftError(f"adapter {name!r} is already registered; remove it first or pick another name")
+        prepared = source if isinstance(source, PreparedAdapter) else self.prepare(source, policy, path)
+        adapter, path = prepared.adapter, prepared.path
         info = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, path)
-        ref = AdapterRef(name, adapter.kind, adapter.policy, adapter.content_hash(), adapter.positions())
+        ref = AdapterRef(name, adapter.kind, adapter.policy, prepared.content_hash, adapter.positions())
         self.entries[name] = _Entry(info, ref, adapter if path is None else None)
         if path is not None:
             self._host_put(name, adapter)

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer
 
 from preft.adapters import Adapter
-from preft.engine.adapter_manager import AdapterInfo, AdapterManager
+from preft.engine.adapter_manager import AdapterInfo, AdapterManager, PreparedAdapter
 from preft.engine.block_manager import BlockManager
 from preft.engine.config import EngineConfig
 from preft.engine.guided import GuidedDecoding
@@ -212,10 +212,18 @@ class LLMEngine:
     # ---- adapters ----------------------------------------------------------------------------
 
     def add_adapter(
-        self, name: str, source: str | os.PathLike | Adapter, policy: str | None = None, path: str | os.PathLike | None = None
+        self,
+        name: str,
+        source: str | os.PathLike | Adapter | PreparedAdapter,
+        policy: str | None = None,
+        path: str | os.PathLike | None = None,
     ) -> AdapterInfo:
         """Register ``name``; ``path``: the folder an ``Adapter`` was read from (it may then leave host memory)."""
         return self.adapters.add(name, source, policy, path)
+
+    def prepare_adapter(self, source: str | os.PathLike | Adapter, policy: str | None = None) -> PreparedAdapter:
+        """Read and validate an adapter for ``add_adapter``; safe to call from any thread (it touches no engine state)."""
+        return self.adapters.prepare(source, policy)
 
     def remove_adapter(self, name: str, wait: bool = False) -> None:
         """Unregister ``name``. In use: raise ``AdapterInUseError`` naming the requests, or with ``wait=True``

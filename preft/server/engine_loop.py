@@ -296,24 +296,24 @@ class EngineLoop:
             raise APIError(409, f"adapter {name!r} is still being unloaded; retry when the unload has returned", param="lora_name")
 
     def _read_adapter(self, name: str, path: str, policy: str | None, max_rank: int | None) -> Any:
-        """Runs on a worker thread: the adapter read once from ``path`` and validated against the base model."""
-        from preft.adapters import load_adapter
-
+        """Runs on a worker thread: the adapter read once from ``path``, validated, converted and hashed, so that
+        registering it on the engine thread costs next to nothing."""
         try:
-            adapter = load_adapter(path, policy=policy, model_config=self.engine.config)
+            adapter = self.engine.prepare_adapter(path, policy)
         except PreftError as e:
             message = str(e).replace(str(path), "<adapter>")  # the client sees no host path
             raise APIError(400, f"adapter {name!r} cannot be loaded: {message}", param="lora_path") from None
         except OSError as e:
             raise APIError(400, f"adapter {name!r} cannot be read: {e.strerror or type(e).__name__}", param="lora_path") from None
-        if max_rank is not None and adapter.rank > max_rank:
-            raise APIError(400, f"adapter {name!r} has rank {adapter.rank} > --max-lora-rank {max_rank}", param="lora_path")
+        rank = adapter.adapter.rank
+        if max_rank is not None and rank > max_rank:
+            raise APIError(400, f"adapter {name!r} has rank {rank} > --max-lora-rank {max_rank}", param="lora_path")
         return adapter
 
     def _load_adapter(self, name: str, adapter: Any, path: str) -> Any:
         self._check_new_name(name)  # again: another load of this name may have finished meanwhile
         try:
-            info = self.engine.add_adapter(name, adapter, path=path)
+            info = self.engine.add_adapter(name, adapter)
         except PreftError as e:
             raise APIError(400, f"adapter {name!r} cannot be loaded: {str(e).replace(str(path), '<adapter>')}", param="lora_path") from None
         self._adapters[name] = info

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoTokenizer
 
 from preft.adapters import Adapter, load_adapter
-from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError
+from preft.engine.adapter_manager import AdapterInfo, AdapterInUseError, PreparedAdapter
 from preft.engine.sampler import SamplingParams
 from preft.engine.sequence import CompletionDelta, RequestOutput
 from preft.errors import PreftError
@@ -31,7 +31,6 @@ class _Request:
 class FakeEngine:
     def __init__(self, tokenizer, model_config, max_model_len: int, max_tokens_per_step: int = 1):
         self.tokenizer, self.model_config, self.max_model_len = tokenizer, model_config, max_model_len
-        self.config = model_config  # as LLMEngine.config: what runtime adapter loads are validated against
         self.requests: dict[str, _Request] = {}
         self.adapters: dict[str, AdapterInfo] = {}
         self.gate = None  # a threading.Event: until it is set, step() makes no progress (tests hold requests in flight)
@@ -76,8 +75,14 @@ class FakeEngine:
             adapter_slots_total=8,
         )
 
+    def prepare_adapter(self, source, policy=None):
+        return PreparedAdapter(load_adapter(source, policy, self.model_config), str(source), "")
+
     def add_adapter(self, name, source, policy=None, path=None):
-        adapter = source.with_policy(policy) if isinstance(source, Adapter) else load_adapter(source, policy, self.model_config)
+        if isinstance(source, PreparedAdapter):
+            adapter, path = source.adapter, source.path
+        else:
+            adapter = source.with_policy(policy) if isinstance(source, Adapter) else load_adapter(source, policy, self.model_config)
         self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path or source))
         return self.adapters[name]
 
