@@ -111,6 +111,12 @@ class Metrics:
     def request_finished(self, reason: str) -> None:
         self._requests.labels(self.model_name, reason).inc()
 
+    @property
+    def requests(self) -> dict[str, int]:
+        """Finished requests so far, by finish reason."""
+        samples = [s for metric in self._requests.collect() for s in metric.samples if s.name.endswith("_total")]
+        return {s.labels["finished_reason"]: int(s.value) for s in samples}
+
     def first_token(self, seconds: float) -> None:
         self._ttft.labels(self.model_name).observe(seconds)
 

@@ -58,6 +58,7 @@ def test_values_follow_the_engine_stats_and_the_observations():
     assert values["vllm:kv_cache_usage_perc", None] == 0.25 and values["vllm:num_requests_running", None] == 2
     assert values["vllm:prompt_tokens_total", None] == 70 and values["vllm:prefix_cache_hits_total", None] == 2
     assert values["preft:adapter_loads_total", None] == 1 and values["preft:adapters_registered", None] == 3
+    assert metrics.requests == {"stop": 0, "length": 2, "abort": 0, "error": 0}
 
 
 def test_two_servers_in_one_process_keep_separate_counts():
