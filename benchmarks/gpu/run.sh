@@ -100,8 +100,8 @@ step roofline "${LIMITS[4]}" $PY -m preft.engine.profile_decode "${ROOF_DIR[@]}"
 
 # 5. Optional: many users' adapters trained in one job vs one job per user (docs/training.md).
 if [ "${MULTI_USER:-0}" = 1 ]; then
-  step multi-user-sft 600 $PY benchmarks/multi_user_sft.py --model "${MODEL:-qwen2.5-0.5b}" --device "$DEVICE" \
-    --users "${USERS:-16}" --examples "${EXAMPLES:-32}" --users-per-step "${USERS_PER_STEP:-16}" --out "$OUT/multi-user-sft"
+  step multi-user-sft 1200 $PY benchmarks/multi_user_sft.py --model "${MODEL:-qwen2.5-0.5b}" --device "$DEVICE" \
+    --users "${USERS:-64}" --examples "${EXAMPLES:-32}" --users-per-step "${USERS_PER_STEP:-16}" --out "$OUT/multi-user-sft"
 fi
 
 # A short table of everything, from the JSON files.
