@@ -284,14 +284,34 @@ class AdapterManager:
             self.host.move_to_end(name)
             return self.host[name]
         self.cpu_misses += 1
+        adapter = self._read_back(entry)
+        self._host_put(name, adapter)
+        return adapter
+
+    def _read_back(self, entry: _Entry) -> Adapter:
+        """An evicted adapter read again from its folder; ``AdapterChangedError`` unless it is what was added."""
+        name = entry.info.name
         try:
             adapter = load_adapter(entry.info.path, policy=entry.info.policy, model_config=self.model_config).to("cpu", self.dtype)
         except (PreftError, OSError) as e:
             raise AdapterChangedError(f"adapter {name!r} can no longer be read from disk ({type(e).__name__}); add it again") from e
         if adapter.content_hash() != entry.ref.content_hash:
             raise AdapterChangedError(f"adapter {name!r} changed on disk since it was added; add it again")
-        self._host_put(name, adapter)
         return adapter
+
+    def read_evicted(self, name: str) -> Adapter | None:
+        """``name`` read back from disk if it has left host memory, else None. Changes no state, so a server
+        calls it off the engine thread before a request and hands the result to ``restore``: the engine
+        thread then never waits on a disk. Raises ``AdapterChangedError`` as a slot load would."""
+        entry = self.entries.get(name)
+        if entry is None or entry.pinned is not None or name in self.host:
+            return None
+        return self._read_back(entry)
+
+    def restore(self, name: str, adapter: Adapter) -> None:
+        """Put an adapter from ``read_evicted`` back in host memory (unless it was removed or came back meanwhile)."""
+        if name in self.entries and name not in self.host:
+            self._host_put(name, adapter)
 
     # ---- device slots ------------------------------------------------------------------------
 

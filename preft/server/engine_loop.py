@@ -121,7 +121,18 @@ class EngineLoop:
         the engine rejects (e.g. a prompt longer than the context).
         """
         stream = _Stream(request_id, adapter, sink, asyncio.get_running_loop())
-        await asyncio.wrap_future(self.call(lambda: self._add_request(stream, prompt, params)))
+        read_back = await asyncio.to_thread(self._read_evicted, adapter) if adapter is not None else None
+        await asyncio.wrap_future(self.call(lambda: self._add_request(stream, prompt, params, read_back)))
+
+    def _read_evicted(self, name: str) -> Any:
+        """On a worker thread: the adapter read back from disk if it left host memory (the engine thread never reads it)."""
+        manager = getattr(self.engine, "adapters", None)
+        if not hasattr(manager, "read_evicted"):
+            return None
+        try:
+            return manager.read_evicted(name)
+        except PreftError:  # changed or gone: the engine fails the request when it needs the adapter
+            return None
 
     def abort(self, request_id: str) -> None:
         """Cancel a request (e.g. its client disconnected): its KV blocks and adapter slot are freed."""
@@ -226,13 +237,15 @@ class EngineLoop:
                 self._forget(stream)
         self._finish_unloads()
 
-    def _add_request(self, stream: _Stream, prompt: str | list[int], params: Any) -> None:
+    def _add_request(self, stream: _Stream, prompt: str | list[int], params: Any, read_back: Any = None) -> None:
         name = stream.adapter
         if name is not None:
             if name in self._unloading:
                 raise ModelNotFound(f"adapter {name!r} is being unloaded and takes no new requests")
             if name not in self._adapters:
                 raise ModelNotFound(f"the model {name!r} does not exist; see GET /v1/models")
+            if read_back is not None:
+                self.engine.adapters.restore(name, read_back)
         if stream.request_id in self._streams:
             raise APIError(400, f"request id {stream.request_id!r} is already in use")
         try:
