@@ -360,6 +360,7 @@ class Routes:
         spec = request_spec(body)
         if spec is not None:
             params = dataclasses.replace(params, structured=spec)
+            await self.in_tokenizer_thread(self.loop.engine.guided.compile, spec)  # not on the engine thread
         request_id = f"cmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, prompts, params, adapter)
         choices = Choices(request_ids, body.n, self.tokenizer, params.stop, self.loop.stop_sequence)
@@ -444,6 +445,7 @@ class Routes:
         params = sampling_params(body, max_tokens, top if body.logprobs else None, self.state.sampling_defaults)
         if spec is not None:
             params = dataclasses.replace(params, structured=spec)
+            await self.in_tokenizer_thread(self.loop.engine.guided.compile, spec)  # not on the engine thread
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         request_ids, sink = await self.submit_all(request_id, [prompt], params, adapter)
         choices = Choices(request_ids, body.n, self.tokenizer, params.stop, self.loop.stop_sequence)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 
 import httpx
 import jsonschema
@@ -232,3 +233,17 @@ def test_unknown_fields_are_accepted_and_logged_once_and_responses_carry_a_syste
     assert completion.system_fingerprint == answer.system_fingerprint
     chunks = list(chat(server, client, messages=ASK, max_tokens=2, stream=True))
     assert all(c.system_fingerprint == answer.system_fingerprint for c in chunks)
+
+
+def test_grammars_are_compiled_off_the_engine_thread(server, client, monkeypatch):
+    guided = server.engine_loop.engine.guided
+    compile_grammar, compiled_on = guided.compile, []
+
+    def recording(spec):
+        if json.dumps(spec, sort_keys=True) not in guided._cache:
+            compiled_on.append(threading.current_thread().name)
+        return compile_grammar(spec)
+
+    monkeypatch.setattr(guided, "compile", recording)
+    chat(server, client, messages=ASK, max_tokens=8, extra_body={"guided_regex": "[a-z]{1,6}[.]"})
+    assert compiled_on and "preft-engine" not in compiled_on
