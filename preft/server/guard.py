@@ -129,7 +129,10 @@ class RequestGuard:
             data = json.loads(body) if body else None
         except (ValueError, RecursionError):
             return
-        where = lone_surrogate(data)
+        try:
+            where = lone_surrogate(data)
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         if where is not None:
             raise APIError(400, f"'{where}' holds a lone UTF-16 surrogate, which is not text; send valid Unicode", param=where)
         if not isinstance(data, dict):

@@ -80,6 +80,15 @@ def test_each_bad_request_is_a_4xx_naming_its_field_and_the_next_one_succeeds(se
         assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [server.state.model_name, "lora-p"]
 
 
+@pytest.mark.parametrize("depth", [900, 30_000])
+def test_a_deeply_nested_body_is_never_a_500(server, depth):
+    body = json.dumps(good())[:-1] + ', "extra": ' + "[" * depth + "]" * depth + "}"
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert response.status_code in (200, 400), response.text  # accepted (an unknown field) or refused, never a 500
+        assert client.post("/v1/completions", json=good()).status_code == 200
+
+
 def test_a_huge_prompt_is_refused_before_it_is_tokenised(server, monkeypatch):
     def never(*args, **kwargs):
         raise AssertionError("the prompt was tokenised")
