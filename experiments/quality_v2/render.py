@@ -350,6 +350,13 @@ def length_estimate(cell: Cell, lo: int, hi: int) -> stats.Estimate | None:
     return stats.bootstrap_mean(values) if values.size else None
 
 
+def runs_section(rows: dict[str, dict]) -> list[str]:
+    """Every finished run with its wall time (a shared 2-core CPU: read the times as what this machine did, under load)."""
+    lines = [[r["run_id"], r.get("finished", ""), f"{r['wall_s'] / 60:.1f}", f"{r['metrics']['score']:.3f}"] for r in rows.values()]
+    out = ["## Finished runs", "", "Wall time of each run on the shared 2-core CPU (one thread, `nice -n 19`, other jobs running).", ""]
+    return out + (table(["run", "finished (UTC)", "wall min", "eval score"], lines) if lines else [NOT_RUN]) + [""]
+
+
 # ---- plots -----------------------------------------------------------------------------------------
 
 
@@ -379,7 +386,7 @@ def plots(groups, out_dir: Path) -> list[str]:
                 if series:
                     band(ax, series, colors[arm], f"{arm} {'train' if key == 'loss' else 'val'} (lr {cell.lr:g})", style)
         ax.set(title=f"task {task}, rank 16: loss (band: min-max over seeds)", xlabel="step", ylabel="nats/token", yscale="log")
-        ax.legend(fontsize=7)
+        legend(ax)
     save(fig, "loss.png")
     # accuracy vs rank
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -405,7 +412,7 @@ def plots(groups, out_dir: Path) -> list[str]:
         ax.set_xscale("log", base=2)
         ax.minorticks_off()
         ax.set_xticks(RANKS, [str(r) for r in RANKS])
-        ax.legend(fontsize=7)
+        legend(ax)
     save(fig, "rank.png")
     # reward curves (sampled rollouts)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -415,7 +422,7 @@ def plots(groups, out_dir: Path) -> list[str]:
         if series:
             band(ax, series, colors[arm], f"{arm} (lr {cell.lr:g}, {len(series)} seeds)", "-")
     ax.set(title="task C: GRPO training reward (sampled rollouts, T=1)", xlabel="step", ylabel="mean reward")
-    ax.legend(fontsize=7)
+    legend(ax)
     save(fig, "reward.png")
     # length map and KL curve
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -455,9 +462,14 @@ def plots(groups, out_dir: Path) -> list[str]:
         title="task B: KL(model || base) along the completion", xlabel="completion position", ylabel="nats", xscale="log", yscale="log"
     )
     for ax in axes:
-        ax.legend(fontsize=7)
+        legend(ax)
     save(fig, "length_kl.png")
     return made
+
+
+def legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty panel (no runs yet) gets no legend
+        ax.legend(fontsize=7)
 
 
 def band(ax, series: list[list[list[float]]], color: str, label: str, style: str) -> None:
@@ -556,7 +568,7 @@ def render(rows: dict[str, dict], plan: Plan, out_dir: Path = RESULTS, doc: Path
         "",
     ]
     lines += table(["claim", "verdict", "why"], [[c, f"**{v}**", w] for c, v, w in verdicts]) + [""]
-    lines += sweep_section(groups) + [APPENDIX]
+    lines += sweep_section(groups) + runs_section(rows) + [APPENDIX]
     text = "\n".join(lines)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
