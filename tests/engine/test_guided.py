@@ -127,3 +127,21 @@ def test_a_grammar_is_compiled_once_per_distinct_spec(smollm2_llm):
     compiled = len(guided._cache)
     guided.matcher(json.loads(json.dumps(spec)))  # an equal spec, another object
     assert len(guided._cache) == compiled
+
+
+@pytest.mark.real_model
+def test_structured_output_with_a_prefill_adapter_validates_and_its_first_token_is_adapted(smollm2_llm):
+    from preft.assets import demo_adapters
+
+    llm = smollm2_llm
+    llm.add_adapter("alice-guided", demo_adapters()["alice"])
+    try:
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+        prompt = _chat(llm, "Where do I live? Answer in JSON.")
+        params = SamplingParams(max_tokens=24, structured={"json": schema})
+        adapted, base = llm.generate([prompt, prompt], [params, params], adapter=["alice-guided", None], use_tqdm=False)
+    finally:
+        llm.remove_adapter("alice-guided")
+    for out in (adapted, base):
+        jsonschema.validate(json.loads(out.outputs[0].text), schema)
+    assert adapted.outputs[0].text != base.outputs[0].text  # the adapter still steers what the grammar allows
