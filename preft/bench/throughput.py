@@ -175,10 +175,10 @@ def run_requests(engine: Any, requests: list[Request], adapter_names: list[str |
             if engine.stats()["prompt_tokens"] == prefilled_before and outputs:
                 decode_times.append(t1 - t0)
                 decode_batch.append(len(outputs))
-                decode_ctx.append(sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) for o in outputs))
+                decode_ctx.append(sum(len(o.prompt_token_ids) + o.outputs[0].num_tokens for o in outputs))
             for out in outputs:
                 rid = out.request_id
-                produced[rid] = len(out.outputs[0].token_ids)
+                produced[rid] = out.outputs[0].num_tokens
                 if rid not in first_token and produced[rid] > 0:
                     first_token[rid] = t1 - start
                 if out.finished:
