@@ -81,12 +81,7 @@ class SamplingFields(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    # structured outputs (preft.server.structured): OpenAI's response_format, vLLM's guided_* extras
-    response_format: dict | None = None
-    guided_json: dict | str | None = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
+    structured_outputs: dict | None = None  # vLLM's newer form: {"json" | "regex" | "choice" | "grammar": ..., "json_object": true}
 
     @field_validator("logit_bias")
     @classmethod

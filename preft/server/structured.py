@@ -1,7 +1,7 @@
 """A request's structured-output options -> the engine's grammar spec (``SamplingParams.structured``).
 
 OpenAI's ``response_format`` (``text``, ``json_object``, ``json_schema``) and vLLM's extras
-``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` each become one spec of
+``structured_outputs`` and (older) ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` each become one spec of
 ``preft.engine.guided``; giving two is a 400, and so is a spec the grammar engine rejects (the error
 names the field). Tool calls that must happen (``tool_choice`` ``required`` or a named function) get
 their grammar from ``preft.server.tools``.
@@ -38,6 +38,26 @@ def response_format_spec(response_format: Any) -> dict | None:
     )
 
 
+def structured_outputs_spec(options: Any) -> dict | None:
+    """vLLM's newer ``structured_outputs`` (``{"json" | "regex" | "choice" | "grammar": ..., "json_object": true}``) -> a spec."""
+    if options is None:
+        return None
+    given = {k: v for k, v in options.items() if v is not None and v is not False} if isinstance(options, dict) else None
+    if given == {"json_object": True}:
+        return {"json": None}
+    if not given or len(given) != 1 or next(iter(given)) not in GUIDED_FIELDS.values():
+        raise APIError(
+            400, "structured_outputs takes exactly one of 'json', 'regex', 'choice', 'grammar', 'json_object'", param="structured_outputs"
+        )
+    kind, value = next(iter(given.items()))
+    if kind == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise APIError(400, f"structured_outputs.json is not valid JSON: {e}", param="structured_outputs") from None
+    return {kind: value}
+
+
 def request_spec(body: Any, tool_spec: dict | None = None) -> dict | None:
     """The one grammar spec a request asks for (or None), checked: a 400 names the field that is wrong."""
     given: list[tuple[str, dict]] = []
@@ -53,6 +73,9 @@ def request_spec(body: Any, tool_spec: dict | None = None) -> dict | None:
                 except json.JSONDecodeError as e:
                     raise APIError(400, f"guided_json is not valid JSON: {e}", param=name) from None
             given.append((name, {kind: value}))
+    spec = structured_outputs_spec(getattr(body, "structured_outputs", None))
+    if spec is not None:
+        given.append(("structured_outputs", spec))
     if tool_spec is not None:
         given.append(("tool_choice", tool_spec))
     if len(given) > 1:

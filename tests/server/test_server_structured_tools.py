@@ -115,6 +115,8 @@ def test_vllm_guided_extras_constrain_chat_and_completions(server, client):
         model=server.state.model_name, prompt="My phone number is", max_tokens=12, temperature=0, extra_body={"guided_regex": pattern}
     )
     assert re.fullmatch(pattern, regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
+    newer = chat(server, client, messages=messages, max_tokens=8, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert newer.choices[0].message.content in ("yes", "no")
     as_text = chat(server, client, messages=messages, max_tokens=60, extra_body={"guided_json": json.dumps(PERSON)})
     jsonschema.validate(json.loads(as_text.choices[0].message.content), PERSON)
 
@@ -127,6 +129,8 @@ def test_vllm_guided_extras_constrain_chat_and_completions(server, client):
         ({"guided_regex": "(unclosed"}, "guided_regex"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
+        ({"structured_outputs": {"json_schema": {}}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
