@@ -80,6 +80,10 @@ def test_lora_p_adapters_are_registered_with_policy_prefill_and_lora_with_all(sm
 class _Completion:
     token_ids: list[int]
 
+    @property
+    def num_tokens(self) -> int:  # as the engine's CompletionDelta
+        return len(self.token_ids)
+
 
 @dataclass
 class _Output:
