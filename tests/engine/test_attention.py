@@ -38,16 +38,18 @@ def test_each_tile_reads_only_the_key_blocks_it_reaches(monkeypatch):
     monkeypatch.setattr(attention, "KEY_BLOCK", 16)
     context_lens = [5, 300, 64]  # query lens 1, 1, 64
     cu_query_lens, tables = np.array([0, 1, 2, 66]), np.zeros((3, -(-300 // 4)), dtype=np.int32)
-    plan = plan_tiles(cu_query_lens, np.array(context_lens), tables, 4, None, 100, torch.device("cpu"))
+    plan = plan_tiles(cu_query_lens, np.array(context_lens), tables, 4, None, 1, torch.device("cpu"))
     assert sorted(c.q for c in plan) == [1, 16]
     decodes = next(c for c in plan if c.q == 1)
     assert [c.end - c.first for c in decodes.chunks] == [2] + [1] * 18  # the 5-token context reads one block of 16 keys
+    assert [c.num_keys for c in decodes.chunks] == [16] * 18 + [300 - 18 * 16]  # the last block stops at the context
     prefill = next(c for c in plan if c.q == 16)
     assert [(c.first, c.end) for c in prefill.chunks] == [(0, 4), (0, 3), (0, 2), (0, 1)]  # tile i reads blocks 0..i only
     assert all(c.bias is not None for c in prefill.chunks)  # each block holds one tile's diagonal
     assert prefill.chunks[0].bias.shape == (4, 1, 16, 16)  # masks are per tile and key block, never [B, Q, K]
     assert decodes.chunks[1].bias is None  # the 300-token decode sees all of keys 16..31
-    chunked = plan_tiles(cu_query_lens, np.array(context_lens), tables, 4, None, 3, torch.device("cpu"))
+    monkeypatch.setattr(attention, "MAX_GATHER_BYTES", 3 * 16)
+    chunked = plan_tiles(cu_query_lens, np.array(context_lens), tables, 4, None, 1, torch.device("cpu"))
     assert [(c.first, c.end) for c in chunked[1].chunks][:3] == [(0, 3), (3, 4), (0, 3)]  # at most 3 tiles per call
     assert [c.merge for c in chunked[1].chunks] == [False, False, True, True, True]
 
