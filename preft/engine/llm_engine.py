@@ -233,6 +233,10 @@ class LLMEngine:
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.list()
 
+    def adapter_users(self, name: str) -> list[str]:
+        """Ids of the requests that use adapter ``name`` (empty once it is unused or removed)."""
+        return sorted(self.adapters.users.get(name, ()))
+
     # ---- requests ----------------------------------------------------------------------------
 
     def add_request(

@@ -9,7 +9,8 @@ detokenisation here; the request's asyncio task turns them into text (``preft.en
 never sees two threads.
 
 Unloading an adapter that requests still use only affects those requests: by default the
-adapter stops accepting new requests and is removed when its last request finishes.
+adapter stops accepting new requests and is removed when its last request finishes (the engine's
+adapter manager keeps that record; this loop only answers the waiting unload).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from preft.engine.adapter_manager import AdapterInUseError
 from preft.engine.sequence import RequestOutput
 from preft.errors import PreftError
 from preft.server.metrics import Metrics
@@ -69,12 +69,12 @@ class EngineLoop:
         self._idle_poll_s = idle_poll_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
-        self._users: dict[str, set[str]] = {}  # adapter name -> ids of requests that use it
         self._unloading: dict[str, list[concurrent.futures.Future]] = {}
         self._adapters = {info.name: info for info in self.engine.list_adapters()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="preft-engine", daemon=True)
         self.stats_snapshot: dict = dict(self.engine.stats())
+        self._users_snapshot: dict[str, set[str]] = {}  # adapter name -> its requests, as of the last loop
         self.error: str | None = None  # set if the engine thread died
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -163,7 +163,8 @@ class EngineLoop:
         return await asyncio.wrap_future(self.call(self._refresh_stats))
 
     def users(self, name: str) -> set[str]:
-        return set(self._users.get(name, ()))
+        """Ids of the requests that use adapter ``name`` (the adapter manager's record, read on the engine thread)."""
+        return set(self._users_snapshot.get(name, ()))
 
     # ---- the engine thread -------------------------------------------------------------------
 
@@ -253,8 +254,6 @@ class EngineLoop:
         except PreftError as e:
             raise APIError(400, str(e)) from None
         self._streams[stream.request_id] = stream
-        if name is not None:
-            self._users.setdefault(name, set()).add(stream.request_id)
 
     def _stop_sequence(self, request_id: str, index: int) -> None:
         stream = self._streams.get(request_id)
@@ -280,12 +279,6 @@ class EngineLoop:
 
     def _forget(self, stream: _Stream) -> None:
         self._streams.pop(stream.request_id, None)
-        if stream.adapter is not None:
-            users = self._users.get(stream.adapter)
-            if users is not None:
-                users.discard(stream.request_id)
-                if not users:
-                    del self._users[stream.adapter]
 
     def _fail_all(self, error: APIError) -> None:
         for request_id in list(self._streams):
@@ -338,7 +331,7 @@ class EngineLoop:
         if name not in self._adapters:
             future.set_exception(ModelNotFound(f"no adapter named {name!r} is loaded"))
             return
-        users = sorted(self._users.get(name, ()))
+        users = self.engine.adapter_users(name)  # the adapter lifecycle lives in the engine's adapter manager
         if users and if_in_use == "error":
             future.set_exception(
                 APIError(409, f"adapter {name!r} is in use by {len(users)} request(s): {', '.join(users)}", param="lora_name")
@@ -347,22 +340,19 @@ class EngineLoop:
         if users and if_in_use == "abort":
             for request_id in users:
                 self._abort(request_id, APIError(409, f"request aborted: its adapter {name!r} was unloaded"))
+        try:
+            self.engine.remove_adapter(name, wait=True)  # now, or when its last request ends
+        except Exception as e:
+            future.set_exception(APIError(500, f"adapter {name!r} could not be unloaded: {e}"))
+            return
         self._unloading.setdefault(name, []).append(future)
         if users and if_in_use == "wait":
             logger.info("unloading adapter %r: waiting for %d request(s) that use it", name, len(users))
         self._finish_unloads()
 
     def _finish_unloads(self) -> None:
-        """Remove every unloading adapter whose requests have all finished."""
-        for name in [n for n in self._unloading if not self._users.get(n)]:
-            try:
-                self.engine.remove_adapter(name)
-            except Exception as e:
-                if isinstance(e, AdapterInUseError) and self.engine.has_unfinished_requests():
-                    continue  # the engine still holds it for a finishing request; retry after the next step
-                for future in self._unloading.pop(name):
-                    future.set_exception(APIError(500, f"adapter {name!r} could not be unloaded: {e}"))
-                continue
+        """Answer the unloads whose adapter the engine has removed (its last request ended)."""
+        for name in [n for n in self._unloading if not self.engine.adapter_users(n)]:
             info = self._adapters.pop(name)
             self.metrics.adapter_event(loaded=False)
             logger.info("unloaded adapter %r", name)
@@ -370,5 +360,6 @@ class EngineLoop:
                 future.set_result(info)
 
     def _refresh_stats(self) -> dict:
+        self._users_snapshot = {name: set(self.engine.adapter_users(name)) for name in self._adapters}
         self.stats_snapshot = dict(self.engine.stats())
         return self.stats_snapshot

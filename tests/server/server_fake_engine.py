@@ -33,6 +33,7 @@ class FakeEngine:
         self.tokenizer, self.model_config, self.max_model_len = tokenizer, model_config, max_model_len
         self.requests: dict[str, _Request] = {}
         self.adapters: dict[str, AdapterInfo] = {}
+        self.pending_removal: set[str] = set()
         self.gate = None  # a threading.Event: until it is set, step() makes no progress (tests hold requests in flight)
 
     def add_request(self, request_id, prompt, params, adapter=None):
@@ -54,13 +55,15 @@ class FakeEngine:
             outputs.append(RequestOutput(request_id, r.prompt, [delta], done))
             if done:
                 del self.requests[request_id]
+        self._prune()
         return outputs
 
     def stop_sequence(self, request_id, index=0):
-        self.requests.pop(request_id, None)
+        self.abort_request(request_id)
 
     def abort_request(self, request_id):
         self.requests.pop(request_id, None)
+        self._prune()
 
     def has_unfinished_requests(self):
         return bool(self.requests)
@@ -86,11 +89,21 @@ class FakeEngine:
         self.adapters[name] = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, str(path or source))
         return self.adapters[name]
 
-    def remove_adapter(self, name):
-        users = [rid for rid, r in self.requests.items() if r.adapter == name]
-        if users:
+    def adapter_users(self, name):
+        return sorted(rid for rid, r in self.requests.items() if r.adapter == name)
+
+    def remove_adapter(self, name, wait=False):
+        """As the engine: in use, raise, or with ``wait`` drop it when its last request ends."""
+        users = self.adapter_users(name)
+        if users and not wait:
             raise AdapterInUseError(f"adapter {name!r} is used by {users}")
-        del self.adapters[name]
+        self.pending_removal.add(name)
+        self._prune()
+
+    def _prune(self):
+        for name in [n for n in self.pending_removal if not self.adapter_users(n)]:
+            self.pending_removal.discard(name)
+            del self.adapters[name]
 
     def list_adapters(self):
         return list(self.adapters.values())

@@ -66,7 +66,7 @@ def assert_no_leaks(server):
     stats = asyncio.run(_stats(server))
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
     assert stats["kv_blocks_used"] == 0 and stats["adapter_slots_used"] == 0, stats
-    assert not server.engine_loop._streams and not server.engine_loop._users
+    assert not server.engine_loop._streams and not server.engine_loop.engine.adapters.users
 
 
 async def _stats(server):
