@@ -50,8 +50,8 @@ def kv_cache_bytes(profile: MemoryProfile, gpu_memory_utilization: float, min_by
     budget = allowed - profile.peak_allocated - profile.non_torch
     if budget < max(1, min_bytes):
         raise PreftError(
-            f"no GPU memory left for the KV cache ({max(budget, 0) / GiB:.2f} GiB, less than one {min_bytes}-byte block): gpu_memory_utilization={gpu_memory_utilization} of "
-            f"{profile.total / GiB:.2f} GiB allows {allowed / GiB:.2f} GiB; the weights and a profiled step of "
+            f"no GPU memory left for the KV cache ({max(budget, 0) / GiB:.2f} GiB, less than one {min_bytes}-byte block): "
+            f"gpu_memory_utilization={gpu_memory_utilization} of {profile.total / GiB:.2f} GiB allows {allowed / GiB:.2f} GiB; the weights and a profiled step of "
             f"{profile.num_tokens} tokens peaked at {profile.peak_allocated / GiB:.2f} GiB and "
             f"{profile.non_torch / GiB:.2f} GiB is used outside PyTorch (CUDA context, other processes); "
             "raise gpu_memory_utilization, lower max_num_batched_tokens or max_model_len, or use a smaller model"
@@ -75,12 +75,14 @@ class ProfileAdapters:
         return self.manager.batch(lora, {self.lora_slot}, reft, {self.reft_slot})
 
 
-def profile_adapters(model: CausalLM, max_adapter_slots: int, rank: int = PROFILE_ADAPTER_RANK) -> AdapterBatch:
-    """Every token's view of a LoRA on every linear module and a DiReFT at every layer, loaded into a temporary
-    ``AdapterManager`` of ``max_adapter_slots`` slots (stacks as large as the engine's would be). Use ``.bind``
-    to get the batch for a number of tokens; dropping it frees the stacks."""
+def profile_adapters(model: CausalLM, max_adapter_slots: int, rank: int = PROFILE_ADAPTER_RANK) -> ProfileAdapters:
+    """A LoRA on every linear module and a DiReFT at every layer, loaded into a temporary ``AdapterManager`` of
+    ``max_adapter_slots`` slots (stacks as large as the engine's would be); dropping the result frees them."""
     param = next(model.parameters())
-    manager = AdapterManager(model.config, param.device, param.dtype, max(2, max_adapter_slots), max_cpu_adapters=2)
+    manager = AdapterManager(
+        model.config, param.device, param.dtype, max(2, max_adapter_slots), max_cpu_adapters=2,
+        tensor_parallel=getattr(model, "tensor_parallel", (0, 1)),
+    )  # fmt: skip
     manager.add("profile-lora", random_adapter(model.config, LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear")))
     manager.add("profile-reft", random_adapter(model.config, ReftConfig(kind="direft", r=rank)))
     return ProfileAdapters(manager, manager.acquire("profile-lora"), manager.acquire("profile-reft"))
@@ -101,7 +103,7 @@ def adapted_step(
     num_blocks = -(-min(context_len, num_tokens) // block_size)
     table = [i % num_blocks for i in range(-(-context_len // block_size))]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's share under tensor parallelism
     kv_cache = torch.zeros(2, config.num_hidden_layers, num_blocks, block_size, kv_heads, head_dim, dtype=param.dtype, device=device)
     query_lens = [min(context_len, num_tokens - start) for start in range(0, num_tokens, context_len)]
     positions = [p for n in query_lens for p in range(context_len - n, context_len)]
