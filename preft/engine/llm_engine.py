@@ -198,7 +198,7 @@ class LLMEngine:
         use, adapter or counter behind. CUDA graphs of `all`-policy adapter decode steps stay lazy: they depend on
         the adapters' stack layout (``preft.engine.cuda_graphs``)."""
         adapters = profile_adapters(self.model, self.adapters.num_slots)
-        for num_tokens in (1, 2 * self.block_size + 1):
+        for num_tokens in (1, 256):  # a decode-sized step (BGMV) and one above the kernels' BGMV_MAX_TOKENS (SGMV)
             adapted_step(self.model, num_tokens, num_tokens, 1, self.block_size, adapters)
         del adapters
         request_id = "preft-warm-up"
