@@ -156,7 +156,7 @@ CPU_CUTS = [
 def cpu_plan() -> Plan:
     b, lora, direft = CPU_BUDGET, ["LoRA", "LoRA-P"], ["DiReFT", "DiReFT-P"]
     stages = [
-        Stage("A: floor and system prompt, seed 0", "Q1/Q3", no_training("A", ["base", "system-prompt"], "A-free", (0,))),
+        Stage("A: floor, seed 0", "Q1", no_training("A", ["base"], "A-free", (0,))),
         Stage("A: LoRA vs LoRA-P, r16", "Q1", sweep_then_seeds("A", lora, 16, LORA_LRS, b, "A-lora-r16")),
         Stage("A: floor and system prompt", "Q1/Q3", no_training("A", ["base", "system-prompt"], "A-free")),
         Stage("B: floor and system prompt, seed 0", "Q1/Q3", no_training("B", ["base", "system-prompt"], "B-free", (0,))),

@@ -215,8 +215,9 @@ def task_a(seed: int, n_train: int = 480) -> TaskData:
         "val": held_out("val", 3)[:N_VAL],
         "eval": ones + [i for i in evals if i.kind != "one fact"][: N_EVAL - len(ones)],
     }
-    facts = "; ".join(f"{f}: {v}" for f, (v, _) in user.items())
-    system = f"You are a personal assistant. Facts about the user you are talking to: {facts}. Answer in one short sentence."
+    # the facts as the very sentences an answer needs (a first "field: value" list measured 0.04: the model took the name as its own)
+    facts = " ".join(A_VALUES[f][1].format(v) for f, (v, _) in user.items())
+    system = f"You are the user's personal assistant. What you know about the user, addressed to them: {facts} Answer their questions about themselves in one short sentence."
     templates = {s: {p for f in fields for p in A_PHRASINGS[f][s]} | set(A_PAIR_TEMPLATES[s]) for s in SPLITS}
     return TaskData("A", seed, splits, system, templates)
 

@@ -52,6 +52,7 @@ class Workbench:
         metrics: dict[str, Any] = {}
         if kind is None:
             metrics.update(self.evaluate(data, run, adapter_dir=None, system=system))
+            metrics["system_prompt"] = system
             if run.task != "C":
                 metrics.update(self.teacher_forced(data, run, adapter=None, policy="all", system=system))
             return metrics
