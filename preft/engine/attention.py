@@ -158,6 +158,7 @@ class Chunk:
     cache_blocks: Tensor  # [(end - first) * num_keys / block_size] cache block ids, tile-major
     bias: Tensor | None  # [end - first, 1, q, num_keys] 0 where a query sees the key, -inf where not; None: sees all
     blind: Tensor | None  # [end - first, 1, q] True for a query that sees no key of this block; None: none
+    stale: Tensor | None  # [end - first, 1, num_keys, 1] True for a key past its tile's context (zeroed); None: none
     merge: bool  # False for the first key block (it starts the tiles' running result)
 
 
@@ -230,7 +231,11 @@ def plan_tiles(
                     bias = bias.to(device)
                     if hidden.all(axis=2).any():
                         blind = torch.from_numpy(hidden.all(axis=2)[:, None]).to(device)
-                chunks.append(Chunk(a, b, hi - lo, torch.from_numpy(ids).to(device), bias, blind, merge=j > 0))
+                # Keys past a tile's context are another request's or stale slots: masking alone would let a NaN
+                # there through (NaN + -inf, 0 * NaN), so they are zeroed after the gather.
+                stale = key_pos[0] >= context_lens[seq[a:b], None]  # [tiles, keys]
+                stale = torch.from_numpy(stale[:, None, :, None]).to(device) if stale.any() else None
+                chunks.append(Chunk(a, b, hi - lo, torch.from_numpy(ids).to(device), bias, blind, stale, merge=j > 0))
                 a = b
         all_real = bool(real.all())
         classes.append(
@@ -282,6 +287,9 @@ def _tile_class_attention(out: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tens
         # The gather is the only copy of the keys; transposed views go to the kernel as they are.
         k = k_cache.index_select(0, chunk.cache_blocks).view(b - a, kb, kv_heads, head_dim).transpose(1, 2)
         v = v_cache.index_select(0, chunk.cache_blocks).view(b - a, kb, kv_heads, head_dim).transpose(1, 2)
+        if chunk.stale is not None:
+            k.masked_fill_(chunk.stale, 0.0)
+            v.masked_fill_(chunk.stale, 0.0)
         o, block_lse = _block_attention(qt[a:b], k, v, chunk.bias, scale)
         if chunk.blind is not None:  # a query that sees nothing here must weigh nothing in the merge
             block_lse = block_lse.masked_fill(chunk.blind, _NEG)

@@ -54,7 +54,8 @@ def random_step(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, list[list[int]]]:
-    """``(q, k_cache, v_cache, block_tables)`` of a step: every sequence on its own scattered blocks, plus spare ones."""
+    """``(q, k_cache, v_cache, block_tables)`` of a step: every sequence on its own scattered blocks, plus spare ones;
+    slots outside every context are NaN."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     needed = [-(-c // block_size) for c in context_lens]
@@ -65,6 +66,12 @@ def random_step(
     k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen).to(dtype)
     q = torch.randn(sum(query_lens), heads, head_dim, generator=gen).to(dtype)
+    # Every slot no query may see holds NaN (spare blocks: other requests' KV; the tail of each last block: stale KV),
+    # so an attention path that lets a masked key through (NaN + -inf, 0 * NaN) fails the comparison.
+    for cache in (k_cache, v_cache):
+        cache[free] = float("nan")
+        for table, context in zip(tables, context_lens):
+            cache[table[-1], (context - 1) % block_size + 1 :] = float("nan")
     return q, k_cache, v_cache, tables
 
 
