@@ -75,10 +75,21 @@ class Run:
 
 
 @dataclass
+class Wanted:
+    """The runs a stage wants given the finished rows (run_id -> row), and the (task, arm, rank) cells it covers."""
+
+    covers: set[tuple[str, str, int]]
+    runs_for: Callable[[dict[str, dict]], list[Run]]
+
+    def __call__(self, rows: dict[str, dict]) -> list[Run]:
+        return self.runs_for(rows)
+
+
+@dataclass
 class Stage:
     name: str
     question: str
-    runs: Callable[[dict[str, dict]], list[Run]]  # finished rows (run_id -> row) -> the runs this stage wants
+    runs: Wanted
 
 
 @dataclass
@@ -87,6 +98,9 @@ class Plan:
     budget: Budget
     stages: list[Stage]
     cuts: list[str]
+
+    def covers(self, task: str, arm: str, r: int) -> bool:
+        return any((task, arm, r) in stage.runs.covers for stage in self.stages)
 
 
 def best_lr(rows: dict[str, dict], template: Run, lrs: tuple[float, ...]) -> float | None:
@@ -100,7 +114,7 @@ def best_lr(rows: dict[str, dict], template: Run, lrs: tuple[float, ...]) -> flo
     return min(found)[2]
 
 
-def sweep_then_seeds(task: str, arms: list[str], r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Callable:
+def sweep_then_seeds(task: str, arms: list[str], r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Wanted:
     """Seed 0 at every lr, then the other seeds at each arm's best lr."""
 
     def runs(rows: dict[str, dict]) -> list[Run]:
@@ -111,10 +125,10 @@ def sweep_then_seeds(task: str, arms: list[str], r: int, lrs: tuple[float, ...],
                 out += [Run(task, arm, s, r, lr, stage, budget) for s in SEEDS[1:]]
         return out
 
-    return runs
+    return Wanted({(task, arm, r) for arm in arms}, runs)
 
 
-def at_best_lr(task: str, arms: list[str], ranks: list[int], sweep_r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Callable:
+def at_best_lr(task: str, arms: list[str], ranks: list[int], sweep_r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Wanted:
     """Other ranks at the lr the ``sweep_r`` sweep chose (a CPU cut: no sweep per rank), every seed."""
 
     def runs(rows: dict[str, dict]) -> list[Run]:
@@ -125,11 +139,11 @@ def at_best_lr(task: str, arms: list[str], ranks: list[int], sweep_r: int, lrs: 
                 out += [Run(task, arm, s, r, lr, stage, budget) for r in ranks for s in SEEDS]
         return out
 
-    return runs
+    return Wanted({(task, arm, r) for arm in arms for r in ranks}, runs)
 
 
-def no_training(task: str, arms: list[str], stage: str, seeds: tuple[int, ...] = SEEDS) -> Callable:
-    return lambda rows: [Run(task, arm, s, stage=stage) for arm in arms for s in seeds]
+def no_training(task: str, arms: list[str], stage: str, seeds: tuple[int, ...] = SEEDS) -> Wanted:
+    return Wanted({(task, arm, 0) for arm in arms}, lambda rows: [Run(task, arm, s, stage=stage) for arm in arms for s in seeds])
 
 
 CPU_BUDGET = Budget(

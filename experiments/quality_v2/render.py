@@ -22,6 +22,7 @@ TRAINED = ["LoRA", "LoRA-P", "DiReFT", "DiReFT-P"]
 RANKS = [4, 16, 64]
 PAIRS = [("LoRA-P", "LoRA"), ("DiReFT-P", "DiReFT")]
 NOT_RUN = "not run yet"
+NOT_PLANNED = "not in this plan (the gpu plan runs it)"
 LENGTH_BUCKETS = {"1-16": (1, 16), "17-64": (17, 64), "65-256": (65, 10_000)}
 PARITY_MARGIN = 0.05  # GRPO "parity": the difference's CI lies within +-0.05
 
@@ -137,7 +138,11 @@ def status_section(plan: Plan, rows: dict[str, dict]) -> list[str]:
     return out + [""]
 
 
-def q1_section(groups, task: str) -> tuple[list[str], list[tuple[str, str, str]]]:
+def planned(plan: Plan, task: str, *cells: tuple[str, int]) -> bool:
+    return all(plan.covers(task, arm, r) for arm, r in cells)
+
+
+def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]]]:
     name = {"A": "task A (personal facts)", "B": "task B (style without instruction)"}[task]
     kinds = {"A": [("one fact", lambda k: k == "one fact"), ("two facts", lambda k: k == "two facts")], "B": []}[task]
     extra = {"A": [], "B": ["style", "correct"]}[task]
@@ -147,7 +152,8 @@ def q1_section(groups, task: str) -> tuple[list[str], list[tuple[str, str, str]]
         for r in [0] if ARMS[arm][0] is None else RANKS:
             cell = chosen(groups, task, arm, r)
             if not cell.rows:
-                lines.append([arm, str(r or "-"), "", "0", NOT_RUN] + [""] * (len(kinds) + len(extra) + 2))
+                missing = NOT_RUN if plan.covers(task, arm, r) else NOT_PLANNED
+                lines.append([arm, str(r or "-"), "", "0", missing] + [""] * (len(kinds) + len(extra) + 2))
                 continue
             loss = cell.metric("eval_loss")
             val = cell.metric("val_score")
@@ -165,7 +171,9 @@ def q1_section(groups, task: str) -> tuple[list[str], list[tuple[str, str, str]]
             d = stats.paired_difference(cp.items(), ca.items()) if cp.rows and ca.rows else None
             shared = len(set(cp.seeds) & set(ca.seeds))
             diffs.append([f"{p} - {a}", str(r), fmt(d), str(shared)])
-            if r == 16:
+            if r == 16 and not planned(plan, task, (p, r), (a, r)):
+                verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", NOT_PLANNED, ""))
+            elif r == 16:
                 v, why = verdict_difference(d, shared)
                 verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", v, why))
     sp = chosen(groups, task, "system-prompt", 0)
@@ -180,6 +188,9 @@ def q1_section(groups, task: str) -> tuple[list[str], list[tuple[str, str, str]]
     out += ["Paired differences of the eval score (same prompts, same users; CI over prompts, items averaged over shared seeds):", ""]
     out += table(["difference", "rank", "mean [95% CI]", "shared seeds"], diffs) + [""]
     for p, a in PAIRS:
+        if not planned(plan, task, (p, 4), (a, 4), (p, 64), (a, 64)):
+            verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", NOT_PLANNED, ""))
+            continue
         v, why = rank_verdict(groups, task, p, a)
         verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", v, why))
     return out, verdicts
@@ -241,11 +252,13 @@ def sweep_section(groups) -> list[str]:
     )
 
 
-def q2_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
+def q2_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]]]:
     lines = []
     for arm in ["base"] + TRAINED:
-        cell = chosen(groups, "C", arm, 0 if arm == "base" else 16)
-        lines.append([arm, f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()) if cell.rows else NOT_RUN])
+        r = 0 if arm == "base" else 16
+        cell = chosen(groups, "C", arm, r)
+        missing = NOT_RUN if plan.covers("C", arm, r) else NOT_PLANNED
+        lines.append([arm, f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()) if cell.rows else missing])
     out = ["### Q2, task C (GRPO on arithmetic word problems)", ""]
     out += ["Greedy accuracy on 256 held-out problems (templates and names never seen in training); the reward curves in the plot are "
             "the *sampled* training rollouts (temperature 1), a different quantity, plotted separately.", ""]  # fmt: skip
@@ -253,6 +266,9 @@ def q2_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
     verdicts = []
     for p, a in PAIRS:
         cp, ca = chosen(groups, "C", p, 16), chosen(groups, "C", a, 16)
+        if not planned(plan, "C", (p, 16), (a, 16)):
+            verdicts.append((f"C: GRPO {p} reaches parity with {a}", NOT_PLANNED, ""))
+            continue
         if not (cp.rows and ca.rows):
             verdicts.append((f"C: GRPO {p} reaches parity with {a}", "not run yet", "the GRPO runs have not finished"))
             continue
@@ -271,7 +287,7 @@ def q2_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
     return out, verdicts
 
 
-def q3_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
+def q3_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]]]:
     out = ["### Q3, where PreFT breaks: output length and drift from the base model (task B)", ""]
     out += [
         "Teacher-forced along the reference answers of task B's eval prompts (the first 128 on the CPU plan; 10 to ~215 tokens): the NLL per token in each "
@@ -290,7 +306,8 @@ def q3_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
     for arm in ["base", "system-prompt"] + TRAINED:
         cell = chosen(groups, "B", arm, 0 if ARMS[arm][0] is None else 16)
         if not cell.rows or "segments" not in cell.rows[0]["metrics"]:
-            lines.append([arm] + [NOT_RUN] + [""] * (len(header) - 2))
+            r = 0 if ARMS[arm][0] is None else 16
+            lines.append([arm] + [NOT_RUN if plan.covers("B", arm, r) else NOT_PLANNED] + [""] * (len(header) - 2))
             continue
         row = [arm]
         for key in ("nll", "kl"):
@@ -303,6 +320,9 @@ def q3_section(groups) -> tuple[list[str], list[tuple[str, str, str]]]:
     out += table(header, lines) + [""]
     for p, a in PAIRS:
         cp, ca = chosen(groups, "B", p, 16), chosen(groups, "B", a, 16)
+        if not planned(plan, "B", (p, 16), (a, 16)):
+            verdicts.append((f"B: {p}'s NLL gap to {a} grows along the output", NOT_PLANNED, ""))
+            continue
         if not (cp.rows and ca.rows):
             verdicts.append((f"B: {p}'s NLL gap to {a} grows along the output", "not run yet", "needs both arms on task B"))
             continue
@@ -544,13 +564,13 @@ def render(rows: dict[str, dict], plan: Plan, out_dir: Path = RESULTS, doc: Path
     verdicts: list[tuple[str, str, str]] = []
     lines += ["## Results", ""]
     for task in "AB":
-        section, v = q1_section(groups, task)
+        section, v = q1_section(groups, task, plan)
         lines += section
         verdicts += v
-    section, v = q2_section(groups)
+    section, v = q2_section(groups, plan)
     lines += section
     verdicts += v
-    section, v = q3_section(groups)
+    section, v = q3_section(groups, plan)
     lines += section
     verdicts += v
     for name, caption in (

@@ -183,7 +183,8 @@ def test_renderer_writes_the_page_and_plots_from_a_small_fake_runs_file(tmp_path
     text = doc.read_text()
     assert "Partial results" in text and "not run yet" in text
     assert "| A: LoRA-P is worse than LoRA at rank 16 (score) | **supported** |" in text  # 0.6 vs 0.9 over 304 paired prompts
-    assert "DiReFT-P is worse than DiReFT at rank 16 (score) | **not run yet**" in text
+    assert "| A: DiReFT-P is worse than DiReFT at rank 16 (score) | **not run yet**" in text  # in the cpu plan, no runs yet
+    assert "| B: DiReFT-P is worse than DiReFT at rank 16 (score) | **not in this plan" in text  # only the gpu plan has it
     assert {p.name for p in out.glob("*.png")} == {"loss.png", "rank.png", "reward.png", "length_kl.png"}
 
 
