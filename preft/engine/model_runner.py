@@ -23,16 +23,8 @@ from preft.engine.attention import AttentionMetadata, triton_usable
 from preft.engine.cuda_graphs import DecodeGraphs
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import CausalLM, sliding_window
-from preft.engine.sampler import Sampler
+from preft.engine.sampler import NonFiniteLogitsError, Sampler  # noqa: F401 (NonFiniteLogitsError: re-exported)
 from preft.engine.sequence import Sequence
-
-
-class NonFiniteLogitsError(RuntimeError):
-    """Some sequences' logits hold NaN or inf (e.g. a broken adapter); the engine fails only their requests."""
-
-    def __init__(self, seqs: list[Sequence]):
-        super().__init__(f"non-finite logits for request(s) {sorted({s.request_id for s in seqs})}")
-        self.seqs = seqs
 
 
 @dataclass
@@ -284,8 +276,6 @@ class ModelRunner:
             return []
         logits = self.model.logits(hidden[logits_rows])
         seqs = [item.seq for item in batch if item.samples]
-        finite = torch.isfinite(logits).all(dim=-1)
-        if not bool(finite.all()):  # greedy argmax would silently pick garbage; sampling would raise mid-batch
-            raise NonFiniteLogitsError([seq for seq, ok in zip(seqs, finite.tolist()) if not ok])
+        # Rows with NaN or inf logits raise NonFiniteLogitsError in the sampler (flags ride in its one copy to the host).
         token_bitmask = self.guided.bitmask(seqs) if self.guided is not None else None  # structured outputs
         return self.sampler(logits, seqs, token_bitmask)

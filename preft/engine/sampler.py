@@ -14,6 +14,10 @@ row, and the sampled ids (with the logprobs, when asked) come to the host in one
    rerun (preemption, fault isolation) samples them again. Unseeded requests get a random seed when added.
 
 Log-probabilities are the model's own: ``log_softmax`` of the logits before any of the above.
+
+Fault isolation: a row whose logits hold NaN or inf (e.g. a broken adapter) raises ``NonFiniteLogitsError``
+naming its sequences, before any logprob is recorded. The check is one row sum (NaN or inf anywhere makes
+it non-finite) whose flags ride in the same device-to-host copy as the sampled ids: no extra sync per step.
 """
 
 from __future__ import annotations
@@ -96,6 +100,14 @@ class SamplingError(PreftError):
     """No token can be drawn for some rows: their probabilities are not finite, or every token is excluded."""
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """Some sequences' logits hold NaN or inf (e.g. a broken adapter); the engine fails only their requests."""
+
+    def __init__(self, seqs: list[Sequence]):
+        super().__init__(f"non-finite logits for request(s) {sorted({s.request_id for s in seqs})}")
+        self.seqs = seqs
+
+
 class Sampler:
     """Picks each sequence's next token from its logits row (see the module doc for the order of operations).
 
@@ -106,8 +118,12 @@ class Sampler:
     """
 
     def __call__(self, logits: Tensor, seqs: list[Sequence], token_bitmask: Tensor | None = None) -> list[int]:
-        """``logits [B, V]`` for ``seqs`` -> next token ids; appends to ``seq.logprobs`` where asked."""
+        """``logits [B, V]`` for ``seqs`` -> next token ids; appends to ``seq.logprobs`` where asked.
+
+        Raises ``NonFiniteLogitsError`` (naming only those rows' sequences) if some rows' logits are not finite."""
         raw = logits.float()
+        # A NaN or inf anywhere in a row makes its sum NaN or inf: one cheap reduction, not an isfinite over [B, V].
+        finite = torch.isfinite(raw.sum(-1))
         logits = raw if token_bitmask is None else apply_token_bitmask(raw, token_bitmask)
         params = [s.params for s in seqs]
         steps = [s.num_tokens - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the draw's counter
@@ -125,14 +141,28 @@ class Sampler:
         )
         asked = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         if not asked:
-            ids = next_ids.tolist()
+            ids, row_sum_finite = torch.stack([next_ids, finite.long()]).tolist()  # the step's one device-to-host copy
+            check_finite(row_sum_finite, raw, seqs)
             check_drawn(ids, seqs)
             return ids
-        ids, top = gather_logprobs(raw, next_ids, asked, [seqs[i].params.logprobs for i in asked])
+        ids, row_sum_finite, top = gather_logprobs(raw, next_ids, asked, [seqs[i].params.logprobs for i in asked], finite)
+        check_finite(row_sum_finite, raw, seqs)
         check_drawn(ids, seqs)
         for i, entry in zip(asked, top):
             seqs[i].logprobs.append(entry)
         return ids
+
+
+def check_finite(row_sum_finite: list, raw: Tensor, seqs: list[Sequence]) -> None:
+    """Raise ``NonFiniteLogitsError`` for the rows whose logits hold NaN or inf. A row sum can also overflow to
+    inf when every logit is finite but huge, so the rows it flags are checked element by element (rare: a sync)."""
+    if all(row_sum_finite):
+        return
+    flagged = [i for i, ok in enumerate(row_sum_finite) if not ok]
+    exact = torch.isfinite(raw[flagged]).all(-1).tolist()
+    bad = [seqs[i] for i, ok in zip(flagged, exact) if not ok]
+    if bad:
+        raise NonFiniteLogitsError(bad)
 
 
 def check_drawn(ids: list[int], seqs: list[Sequence]) -> None:
@@ -144,26 +174,29 @@ def check_drawn(ids: list[int], seqs: list[Sequence]) -> None:
         )
 
 
-def gather_logprobs(raw: Tensor, next_ids: Tensor, asked: list[int], ks: list[int]) -> tuple[list[int], list[dict[int, float]]]:
-    """The sampled ids of every row and, for rows ``asked``, the model's log-probabilities of their top ``k``
-    tokens and of their sampled token; computed for all asked rows at once, copied to the host in one go."""
+def gather_logprobs(
+    raw: Tensor, next_ids: Tensor, asked: list[int], ks: list[int], finite: Tensor
+) -> tuple[list[int], list[float], list[dict[int, float]]]:
+    """The sampled ids and ``finite`` flags of every row and, for rows ``asked``, the model's log-probabilities of
+    their top ``k`` tokens and of their sampled token; computed for all asked rows at once, copied to the host in one go."""
     rows = torch.tensor(asked, device=raw.device)
     logprobs = torch.log_softmax(raw.index_select(0, rows), dim=-1)
     k = min(max(ks), logprobs.shape[-1])
     values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     chosen = logprobs.gather(-1, next_ids.index_select(0, rows)[:, None].clamp(min=0))
-    packed = torch.cat([next_ids.double(), chosen.double().flatten(), top_ids.double().flatten(), values.double().flatten()])
-    flat = packed.tolist()  # the step's one device-to-host copy (float64 holds token ids exactly)
+    parts = [next_ids.double(), finite.double(), chosen.double().flatten(), top_ids.double().flatten(), values.double().flatten()]
+    flat = torch.cat(parts).tolist()  # the step's one device-to-host copy (float64 holds token ids exactly)
     batch, count = next_ids.shape[0], len(asked)
     ids = [int(t) for t in flat[:batch]]
-    chosen_lp = flat[batch : batch + count]
-    top_flat, value_flat = flat[batch + count : batch + count + count * k], flat[batch + count + count * k :]
+    flags, flat = flat[batch : 2 * batch], flat[2 * batch :]
+    chosen_lp = flat[:count]
+    top_flat, value_flat = flat[count : count + count * k], flat[count + count * k :]
     out = []
     for j, (row, want) in enumerate(zip(asked, ks)):
         entry = {int(t): v for t, v in zip(top_flat[j * k : j * k + want], value_flat[j * k : j * k + want])}
         entry[ids[row]] = chosen_lp[j]
         out.append(entry)
-    return ids, out
+    return ids, flags, out
 
 
 def _flat_rows(lists: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:

@@ -349,3 +349,18 @@ def test_unseeded_requests_get_random_seeds_that_torch_manual_seed_fixes(family_
         torch.manual_seed(seed)
         runs.append(completion(llm, params).token_ids)
     assert runs[0] == runs[1] != runs[2]
+
+
+@pytest.mark.parametrize("with_logprobs", [False, True])
+def test_non_finite_rows_raise_naming_only_their_sequences_and_huge_finite_rows_do_not(with_logprobs):
+    from preft.engine.sampler import NonFiniteLogitsError
+
+    specs = [dict(temperature=t, logprobs=1 if with_logprobs else None) for t in (0.0, 1.0, 0.0, 0.7)]
+    logits, seqs = random_logits(len(specs), seed=31), make_seqs(specs)
+    logits[1, 5], logits[3, 9] = float("nan"), float("-inf")
+    logits[2] = 3e38  # every logit finite, but the row's sum overflows to inf: not a fault
+    with pytest.raises(NonFiniteLogitsError) as failed:
+        Sampler()(logits, seqs)
+    assert [s.request_id for s in failed.value.seqs] == ["r1", "r3"]
+    assert all(not s.logprobs for s in seqs)  # nothing recorded for a step that failed
+    assert Sampler()(logits[[0, 2]], [seqs[0], seqs[2]])[0] == int(logits[0].argmax())
