@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-ENGINE_ONLY_OPTIONS = ("max_cpu_adapters", "num_kv_blocks", "gpu_memory_utilization", "block_size", "max_model_len")
+ENGINE_ONLY_OPTIONS = ("max_cpu_adapters", "num_kv_blocks", "gpu_memory_utilization", "block_size", "max_model_len", "tensor_parallel_size")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -157,6 +157,7 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
     dtype = getattr(llm.engine, "dtype", build_dtype)
     results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device)
     if peer == "on" or (peer == "auto" and device.type == "cuda" and peft_available()):
+        llm.engine.close()  # tensor-parallel workers (if any) stop
         del llm  # the peer loads its own copy of the model: give the engine's weights and KV cache back first
         gc.collect()
         if device.type == "cuda":

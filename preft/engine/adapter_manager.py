@@ -26,6 +26,7 @@ from torch import Tensor
 
 from preft.adapters import Adapter, LoraConfig, linear_shapes, load_adapter
 from preft.engine.lowrank import grouped_low_rank, segment_plan
+from preft.engine.parallel import shard_lora, shard_shapes
 from preft.engine.sequence import AdapterRef
 from preft.errors import PreftError
 
@@ -138,7 +139,10 @@ class AdapterManager:
         max_adapter_slots: int = 8,
         max_cpu_adapters: int = 64,
         max_cpu_adapter_bytes: int = 4 << 30,
+        tensor_parallel: tuple[int, int] = (0, 1),
     ):
+        """``tensor_parallel``: ``(rank, size)``; the slot stacks then hold this rank's shard of each LoRA
+        (``preft.engine.parallel.shard_lora``)."""
         if max_adapter_slots < 1:
             raise PreftError(f"max_adapter_slots must be >= 1, got {max_adapter_slots}")
         self.model_config = model_config
@@ -157,7 +161,9 @@ class AdapterManager:
         self.idle: OrderedDict[int, None] = OrderedDict()  # loaded slots with no user, least recently used first
         self.lora_stacks: dict[tuple[int, str], SlotStack] = {}
         self.reft_stacks: dict[int, SlotStack] = {}
-        self.shapes = linear_shapes(model_config)
+        self.tp_rank, self.tp_size = tensor_parallel
+        self.shapes = shard_shapes(linear_shapes(model_config), self.tp_size)
+        self.slot_events: list[tuple] | None = None  # tensor parallel, rank 0: slot changes the workers have yet to mirror
         self.cpu_hits = self.cpu_misses = 0
         self.layout_version = 0  # bumped whenever a stack is created or reallocated (see module doc)
 
@@ -348,16 +354,31 @@ class AdapterManager:
             self.idle[slot] = None
 
     def _clear_slot(self, slot: int) -> None:
+        self.clear_stacks(slot)
+        self.slot_owner[slot] = None
+        if self.slot_events is not None:
+            self.slot_events.append(("clear", slot))
+
+    def clear_stacks(self, slot: int) -> None:
+        """Zero ``slot``'s factors in every stack."""
         for stack in [*self.lora_stacks.values(), *self.reft_stacks.values()]:
             if stack.host_ranks[slot]:
                 stack.clear(slot)
-        self.slot_owner[slot] = None
 
     def _load_slot(self, slot: int, name: str) -> None:
         adapter = self._host_get(name)
+        self.write_slot(slot, adapter)
+        self.slot_owner[slot] = name
+        self.slot_of[name] = slot
+        if self.slot_events is not None:
+            self.slot_events.append(("load", slot, adapter))
+
+    def write_slot(self, slot: int, adapter: Adapter) -> None:
+        """Write ``adapter``'s factors (this rank's shard of a LoRA) into ``slot`` of the stacks, creating stacks as needed."""
         with torch.no_grad():
             if isinstance(adapter.config, LoraConfig):
                 for (layer, module), (a, b) in adapter.lora_weights().items():
+                    a, b = shard_lora(module, a, b, self.tp_rank, self.tp_size)
                     stack = self.lora_stacks.get((layer, module))
                     if stack is None:
                         fan_in, fan_out = self.shapes[module]
@@ -376,8 +397,6 @@ class AdapterManager:
                         )
                         self._layout_changed()
                     stack.set(slot, down.to(self.device), up.to(self.device), bias.to(self.device), 1.0)
-        self.slot_owner[slot] = name
-        self.slot_of[name] = slot
 
     def batch(
         self, lora_slot: Tensor | None, lora_active: set[int], reft_slot: Tensor | None, reft_active: set[int]

@@ -74,6 +74,15 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata=option("context length (default: the model's)"))
     use_cuda_graphs: bool = field(default=True, metadata=option("replay decode steps as CUDA graphs (--enforce-eager: off)"))
     seed: int | None = field(default=None, metadata=option("seed torch's global RNG at start (a request's own 'seed' still wins)"))
+    tensor_parallel_size: int = field(
+        default=1,
+        metadata=option(
+            "ranks (GPUs, or CPU processes with gloo) the model is sharded over, Megatron-style; this process is rank 0, the "
+            "others are worker processes it starts (see docs/tensor_parallel.md)",
+            "-tp",
+            metavar="N",
+        ),
+    )
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -30,6 +30,7 @@ from preft.engine.guided import GuidedDecoding
 from preft.engine.memory import adapted_step, kv_cache_bytes, profile_adapters, profile_cuda_memory
 from preft.engine.model import load_config, load_model
 from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, ScheduledSeq, kv_block_bytes
+from preft.engine.parallel import TensorParallel, TensorParallelError, check_tensor_parallel, load_sharded_model, local_forward
 from preft.engine.sampler import SamplingParams, request_seed
 from preft.engine.scheduler import Scheduler
 from preft.engine.sequence import RequestOutput, Sequence
@@ -105,7 +106,18 @@ class LLMEngine:
         self.dtype = resolve_dtype(dtype, self.config, self.device)
         kv_budget = None if kv_cache_memory_bytes is None else parse_memory_size(kv_cache_memory_bytes)  # bad input fails before the load
         started = time.perf_counter()
-        self.model = load_model(self.model_dir, self.dtype, self.device)
+        self.tensor_parallel_size = tp = config.tensor_parallel_size
+        self.parallel: TensorParallel | None = None
+        if tp == 1:
+            self.model = load_model(self.model_dir, self.dtype, self.device)
+        else:  # this process is rank 0; the workers load their shards meanwhile
+            check_tensor_parallel(self.config, tp)
+            self.parallel = TensorParallel(self.model_dir, self.dtype, self.device, tp)
+            try:
+                self.model = load_sharded_model(self.model_dir, self.dtype, self.device, 0, tp, self.parallel.group)
+            except BaseException:
+                self.parallel.close()
+                raise
         load_s = time.perf_counter() - started
         logger.info("loaded %s (%s, %s) in %.1f s", self.model_dir.name, str(self.dtype).removeprefix("torch."), self.device, load_s)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -117,19 +129,30 @@ class LLMEngine:
         self.max_model_len = max_model_len or limit
         self.block_size = block_size
         if num_kv_blocks is None:
-            num_kv_blocks = self._default_num_blocks(gpu_memory_utilization, max_num_seqs, kv_budget, max_num_batched_tokens, max_adapter_slots)
+            with local_forward(self.model):  # the profiled step runs on rank 0 alone
+                num_kv_blocks = self._default_num_blocks(
+                    gpu_memory_utilization, max_num_seqs, kv_budget, max_num_batched_tokens, max_adapter_slots
+                )
         self.adapters = AdapterManager(
-            self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters, parse_memory_size(config.max_cpu_adapter_bytes)
-        )
+            self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters, parse_memory_size(config.max_cpu_adapter_bytes),
+            tensor_parallel=(0, tp),
+        )  # fmt: skip
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(
             self.model, self.adapters, num_kv_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len
         )
         self.runner.guided = self.guided
+        if self.parallel is not None:  # workers build the same KV cache (their heads) and adapter slots, and follow rank 0's steps
+            self.adapters.slot_events = []
+            self.runner.parallel = self.parallel
+            self.parallel.setup(
+                num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len, max_adapter_slots=max_adapter_slots,
+            )  # fmt: skip
         self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
         # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
         started = time.perf_counter()
-        self.use_cuda_graphs = use_cuda_graphs and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
+        self.use_cuda_graphs = use_cuda_graphs and tp == 1 and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
         self.errors: dict[str, str] = {}  # request id -> why it failed in this step (see _run_isolated)
         self.prompt_tokens = 0
@@ -153,7 +176,7 @@ class LLMEngine:
         whole GPU leaves after the weights and a profiled worst-case step of ``max_num_batched_tokens`` tokens with
         ``max_adapter_slots`` adapter slots (vLLM's rule, ``preft.engine.memory``); on CPU room for ``max_num_seqs``
         sequences of ``max_model_len`` tokens, capped at ``CPU_KV_BUDGET_BYTES``."""
-        per_block = kv_block_bytes(self.config, self.block_size, self.dtype)
+        per_block = kv_block_bytes(self.config, self.block_size, self.dtype) // self.tensor_parallel_size  # this rank's KV heads
         per_seq = -(-self.max_model_len // self.block_size)
         if kv_cache_memory_bytes is not None:
             budget = kv_cache_memory_bytes
@@ -198,8 +221,9 @@ class LLMEngine:
         use, adapter or counter behind. CUDA graphs of `all`-policy adapter decode steps stay lazy: they depend on
         the adapters' stack layout (``preft.engine.cuda_graphs``)."""
         adapters = profile_adapters(self.model, self.adapters.num_slots)
-        for num_tokens in (1, 256):  # a decode-sized step (BGMV) and one above the kernels' BGMV_MAX_TOKENS (SGMV)
-            adapted_step(self.model, num_tokens, num_tokens, 1, self.block_size, adapters)
+        with local_forward(self.model):  # compiles kernels on rank 0; the workers compile on their first steps
+            for num_tokens in (1, 256):  # a decode-sized step (BGMV) and one above the kernels' BGMV_MAX_TOKENS (SGMV)
+                adapted_step(self.model, num_tokens, num_tokens, 1, self.block_size, adapters)
         del adapters
         request_id = "preft-warm-up"
         self.add_request(request_id, list(range(self.block_size + 1)), SamplingParams(max_tokens=3, ignore_eos=True))
@@ -343,6 +367,8 @@ class LLMEngine:
         rewind = [(item.seq, len(item.seq.logprobs) if item.seq.logprobs is not None else 0) for item in batch]
         try:
             return batch, self.runner.run(batch)
+        except TensorParallelError:  # no request is to blame: the engine cannot continue
+            raise
         except Exception as e:
             by_request: dict[str, list[ScheduledSeq]] = {}
             for item in batch:
@@ -358,6 +384,8 @@ class LLMEngine:
                     del seq.logprobs[num_logprobs:]
             try:
                 ids = self.runner.run(items)
+            except TensorParallelError:
+                raise
             except Exception as e:
                 self._fail_request(request_id, _describe(e, items[0].seq))
                 continue
@@ -373,7 +401,7 @@ class LLMEngine:
         for seq in self.requests[request_id]:
             private = self.block_manager.unpublish_private(seq)
             if private:  # its KV may be NaN: attention over the block's unused rows would poison the block's next owner
-                self.runner.kv_cache[:, :, private] = 0
+                self.runner.zero_kv_blocks(private)
             self.scheduler.finish(seq, "error")
         self.errors.setdefault(request_id, error)
 
@@ -415,6 +443,11 @@ class LLMEngine:
         seqs = self.requests.pop(request_id)
         if seqs[0].adapter is not None:
             self.adapters.done(seqs[0].adapter.name, request_id)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (if any); the engine cannot step afterwards. Safe to call twice."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def stats(self) -> dict:
         return dict(

@@ -101,10 +101,17 @@ def add_lora(adapters: AdapterBatch, layer: int, modules: tuple[str, ...], x: Te
         adapters.lora(layer, module, x, out)
 
 
+def all_reduce(x: Tensor, group: Any) -> Tensor:
+    """Sum a row-parallel layer's partial outputs over the tensor-parallel ranks of ``group`` (``preft.engine.parallel``), in place."""
+    group.allreduce([x]).wait()
+    return x
+
+
 class Attention(nn.Module):
     def __init__(self, config: Any, layer: int):
         super().__init__()
         self.layer = layer
+        self.tp_group = None  # tensor parallel: this rank holds a share of the heads (preft.engine.parallel.shard_model)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -135,13 +142,16 @@ class Attention(nn.Module):
         write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         o = paged_attention(q, kv[0], kv[1], meta, self.scale).flatten(1)
         out = self.o_proj(o)
-        return adapters.lora(self.layer, "o_proj", o, out) if adapters is not None else out
+        if adapters is not None:  # under tensor parallelism a partial sum too: reduced with the base layer's
+            out = adapters.lora(self.layer, "o_proj", o, out)
+        return all_reduce(out, self.tp_group) if self.tp_group is not None else out
 
 
 class MLP(nn.Module):
     def __init__(self, config: Any, layer: int):
         super().__init__()
         self.layer = layer
+        self.tp_group = None  # tensor parallel: this rank holds a share of the MLP columns
         bias = bool(getattr(config, "mlp_bias", False))
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)  # gate_proj; up_proj
@@ -153,7 +163,9 @@ class MLP(nn.Module):
             add_lora(adapters, self.layer, ("gate_proj", "up_proj"), x, (gate, up))
         h = F.silu(gate) * up
         out = self.down_proj(h)
-        return adapters.lora(self.layer, "down_proj", h, out) if adapters is not None else out
+        if adapters is not None:
+            out = adapters.lora(self.layer, "down_proj", h, out)
+        return all_reduce(out, self.tp_group) if self.tp_group is not None else out
 
 
 class DecoderLayer(nn.Module):

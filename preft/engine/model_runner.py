@@ -23,6 +23,7 @@ from preft.engine.attention import AttentionMetadata, triton_usable
 from preft.engine.cuda_graphs import DecodeGraphs
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import CausalLM, sliding_window
+from preft.engine.parallel import StepMessage, TensorParallel
 from preft.engine.sampler import NonFiniteLogitsError, Sampler  # noqa: F401 (NonFiniteLogitsError: re-exported)
 from preft.engine.sequence import Sequence
 
@@ -176,6 +177,7 @@ class StepBuffers:
             device[: offsets[-1]].copy_(staging[: offsets[-1]], non_blocking=True)
             self.copied[self.turn].record()
             self.turn = 1 - self.turn
+        self.last_packed = (host[: offsets[-1]], sizes, width)  # what tensor-parallel workers are sent (preft.engine.parallel)
         views = [device[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
         meta = AttentionMetadata(
             slot_mapping=views[2],
@@ -209,7 +211,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = next(model.parameters()).device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = config.num_key_value_heads or config.num_attention_heads
+        kv_heads = model.model.layers[0].self_attn.num_kv_heads  # this rank's share under tensor parallelism
         dtype = next(model.parameters()).dtype
         # One block more than the block manager hands out: a scratch block for CUDA-graph padding rows.
         shape = (2, config.num_hidden_layers, num_blocks + 1, block_size, kv_heads, head_dim)
@@ -222,6 +224,9 @@ class ModelRunner:
         self.triton_attention = triton_usable(self.device)
         max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 4096
         self.inputs = StepBuffers(max_num_batched_tokens, max_num_seqs, -(-max_model_len // block_size), block_size, self.device)
+        self.parallel: TensorParallel | None = None  # rank 0 of a tensor-parallel engine: the workers each step is sent to
+        self.kv_events: list[tuple] = []  # tensor parallel: KV blocks to zero on the workers before the next step
+
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for decode steps, adapter-free or with `all`-policy adapters (CUDA with Triton only); True if in use."""
@@ -232,6 +237,27 @@ class ModelRunner:
         )
         self.graphs = graphs if graphs.capture() else None
         return self.graphs is not None
+
+    def zero_kv_blocks(self, blocks: list[int]) -> None:
+        """Zero the KV of ``blocks`` (on every rank)."""
+        self.kv_cache[:, :, blocks] = 0
+        if self.parallel is not None:
+            self.kv_events.append(("zero_kv", blocks))
+
+    def _send_step(self, meta: AttentionMetadata, adapters) -> None:
+        """Tensor parallel: the step's state changes and inputs to the workers, which then run the same forward."""
+        events = [*self.kv_events, *(self.adapters.slot_events or ())]
+        self.kv_events.clear()
+        if self.adapters.slot_events is not None:
+            self.adapters.slot_events.clear()
+        slots = None
+        if adapters is not None:
+            host = lambda t: None if t is None else t.cpu()  # noqa: E731
+            slots = (host(adapters.lora_slot), adapters.lora_active, host(adapters.reft_slot), adapters.reft_active)
+        packed, sizes, width = self.inputs.last_packed
+        self.parallel.send(
+            StepMessage(events, packed, tuple(int(n) for n in sizes), width, meta.max_query_len, meta.max_context_len, slots)
+        )
 
     def _tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -268,6 +294,12 @@ class ModelRunner:
         input_ids, positions, meta, logits_rows = self.prepare(batch)
         adapters = self.prepare_adapters(batch, len(input_ids))
         hidden = None
+        if self.parallel is not None:
+            self._send_step(meta, adapters)
+            try:
+                hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
+            except Exception as e:  # a peer died (gloo), a collective timed out, or rank 0 failed mid-step: ranks out of step
+                raise self.parallel.died(e) from e
         if self.graphs is not None and meta.max_query_len == 1:  # decode step: replay (base model, or with `all` adapters)
             hidden = self.graphs.run(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens, adapters)
         if hidden is None:

@@ -53,9 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="refuse adapters of rank above N, at start and on runtime loads (default 512; a huge rank widens every slot's "
         "stacks); vLLM's default is 16",
     )
-    parser.add_argument(
-        "--tensor-parallel-size", type=int, default=1, metavar="N", help="accepted for vLLM compatibility; only 1 is implemented"
-    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -154,8 +151,6 @@ def build_state(args: argparse.Namespace):
     from preft.server.default_model import default_model
     from preft.server.engine_loop import EngineLoop
 
-    if args.tensor_parallel_size != 1:
-        raise ValueError(f"tensor parallel is not implemented yet; --tensor-parallel-size must be 1, got {args.tensor_parallel_size}")
     adapters: dict[str, tuple[str, str | None]] = {}
     default_name = None
     if args.model_dir is None:

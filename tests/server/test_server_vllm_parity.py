@@ -59,9 +59,9 @@ def test_bad_lora_modules_item_is_a_usage_error_naming_it(bad, capsys):
     assert "--lora-modules" in capsys.readouterr().err
 
 
-def test_tensor_parallel_above_1_exits_with_a_clear_error(capsys):
-    assert run(parse("--tensor-parallel-size", "2")) == 2
-    assert "tensor parallel is not implemented yet; --tensor-parallel-size must be 1" in capsys.readouterr().err
+def test_tensor_parallel_size_that_does_not_divide_the_heads_exits_with_a_clear_error(tiny_model, capsys):
+    assert run(parse(str(tiny_model), "--tensor-parallel-size", "3", "--device", "cpu")) == 2
+    assert "tensor_parallel_size 3 does not divide the model's 4 attention heads, 2 KV heads" in capsys.readouterr().err
 
 
 def test_start_up_refuses_an_adapter_above_max_lora_rank(tiny_model, adapter_root):
