@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu/run.sh               # on the GPU machine
 #   DRY_RUN=1 bash benchmarks/gpu/run.sh     # on a CPU: every step at a tiny size (checks the script itself)
 #   MULTI_USER=1 bash benchmarks/gpu/run.sh  # also the multi-user SFT comparison (several more minutes)
+# With 4 or more GPUs it also benchmarks the Llama-3.1-70B shape with --tensor-parallel-size 4 (up to 15 more minutes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
@@ -85,6 +86,19 @@ for model in "${MODELS[@]}"; do
     --num-adapters "$ADAPTERS" --device "$DEVICE" --peer off --output-dir "$OUT" "${BENCH_ARGS[@]}"
   i=$((i + 1))
 done
+
+# 2b. The paper's headline setting: the Llama-3.1-70B shape, tensor parallel over 4 GPUs (each rank draws its own shard's
+# random weights: no 140 GB checkpoint). Only where 4 GPUs are found; DRY_RUN checks the path with 2 CPU ranks on tiny.
+NUM_GPUS=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "$DRY_RUN" = 1 ]; then
+  step bench-tiny-tp2 120 $PY -m preft.cli bench --model tiny --tensor-parallel-size 2 --modes base,lora,lora-p,direft-p \
+    --num-adapters "$ADAPTERS" --device cpu --peer off --output-dir "$OUT/tp2" "${BENCH_ARGS[@]}"
+elif [ "$NUM_GPUS" -ge 4 ]; then
+  step bench-llama-3.1-70b-tp4 900 $PY -m preft.cli bench --model llama-3.1-70b --tensor-parallel-size 4 \
+    --modes base,lora,lora-p,direft-p --num-adapters 512 --device cuda --peer off --output-dir "$OUT" "${BENCH_ARGS[@]}"
+else
+  echo "== bench-llama-3.1-70b-tp4: needs 4 GPUs, found $NUM_GPUS; skipped" | tee -a "$LOG"
+fi
 
 # 3. The engine's own work per step (model forward stubbed): decode 1/64/256 and a mixed step.
 step host-overhead "${LIMITS[3]}" $PY -m preft.cli bench host-overhead --json "$OUT/host_overhead.json" --device "$DEVICE" "${HOST_ARGS[@]}"

@@ -48,7 +48,31 @@ NAMED_SHAPES: dict[str, dict] = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),
+    "llama-3.1-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
+# Too large to write to disk or hold on one host: only config.json, the tokenizer and a ``random-weights`` marker are
+# written, and each tensor-parallel rank draws its own shard on its device (preft.engine.parallel.load_sharded_model).
+DRAWN_IN_PLACE = {"llama-3.1-70b"}
+RANDOM_WEIGHTS_MARKER = "random-weights"
 
 
 def default_cache_dir() -> Path:
@@ -99,6 +123,13 @@ def build_random_checkpoint(path: Path, shape: str, dtype: torch.dtype) -> Path:
         return build_tiny_checkpoint(path, "llama", dtype=torch.float32)
     tokenizer = build_tokenizer()  # prompts use byte ids (< 261), valid in any of these vocabularies
     config = shape_config(shape)
+    if shape in DRAWN_IN_PLACE:
+        path.mkdir(parents=True, exist_ok=True)
+        config.dtype = dtype
+        config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        (path / RANDOM_WEIGHTS_MARKER).write_text("each rank draws its shard's weights (normal, std 0.02)\n")
+        return path
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

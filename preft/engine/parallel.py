@@ -32,6 +32,7 @@ import multiprocessing.connection
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -120,8 +121,27 @@ def load_sharded_model(model_dir: str, dtype: torch.dtype, device: torch.device,
     sharded, then moved."""
     from preft.engine.model import load_model
 
+    if (Path(model_dir) / "random-weights").is_file():  # a benchmark shape too large for a checkpoint (preft.bench.shapes)
+        return random_sharded_model(model_dir, dtype, device, rank, size, group)
     model = shard_model(load_model(model_dir, dtype, "cpu"), rank, size, group)
     return model.to(device)
+
+
+def random_sharded_model(model_dir: str, dtype: torch.dtype, device: torch.device, rank: int, size: int, group: Any) -> nn.Module:
+    """This rank's shard of ``model_dir``'s config with random weights drawn on ``device`` (norms 1, the rest normal, std 0.02):
+    no host copy and no file of the whole model (throughput does not depend on weight values)."""
+    from preft.engine.model import CausalLM, load_config
+
+    with torch.device("meta"):
+        model = CausalLM(load_config(model_dir))
+    inv_freq = model.inv_freq  # computed on the CPU even here
+    model = shard_model(model.to(dtype), rank, size, group).to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(rank)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if name.endswith("norm.weight") else param.normal_(0.0, 0.02, generator=generator)
+    model.inv_freq = inv_freq.to(device)
+    return model.requires_grad_(False).eval()
 
 
 @contextlib.contextmanager

@@ -237,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
     logger.info("%s", summary(state, args))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("binding %s without --api-key: anyone who can reach this address can use the server", args.host)
+    # The engine thread ends only when the engine cannot go on (a tensor-parallel rank died): then so does the server.
+    state.engine_loop.on_crash = lambda: signal.raise_signal(signal.SIGTERM)
     app = create_app(state)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
     # handles SIGINT and SIGTERM: stop accepting, let requests finish for --shutdown-grace-seconds, end the rest, lifespan shutdown
@@ -249,5 +251,9 @@ def run(args: argparse.Namespace) -> int:
         server.run()
     finally:
         state.engine_loop.shutdown()
+        state.engine_loop.engine.close()  # tensor-parallel workers
+    if state.engine_loop.error is not None:
+        logger.error("preft serve: stopped because the engine failed (see above)")
+        return 1
     logger.info("preft serve: stopped%s", f" on {received[0]}" if received else "")
     return 0 if server.started else 1

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from preft.engine.parallel import TensorParallelError
 from preft.engine.sequence import RequestOutput
 from preft.errors import PreftError
 from preft.server.metrics import Metrics
@@ -76,6 +77,7 @@ class EngineLoop:
         self.stats_snapshot: dict = dict(self.engine.stats())
         self._users_snapshot: dict[str, set[str]] = {}  # adapter name -> its requests, as of the last loop
         self.error: str | None = None  # set if the engine thread died
+        self.on_crash: Callable[[], None] | None = None  # called when it does (``preft serve``: stop the server)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -188,6 +190,8 @@ class EngineLoop:
             self.error = traceback.format_exc()
             logger.error("engine thread crashed:\n%s", self.error)
             self._fail_all(APIError(500, "the engine failed; see the server log"))
+            if self.on_crash is not None:
+                self.on_crash()
             raise
 
     def _execute(self, command: tuple[Callable[[], Any], concurrent.futures.Future | None]) -> None:
@@ -206,6 +210,8 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except TensorParallelError:  # a rank died: the engine cannot go on (the thread ends, see _run)
+            raise
         except Exception:
             logger.exception("engine step failed; failing its requests")
             self._fail_all(APIError(500, "the engine failed while running this request; see the server log"))

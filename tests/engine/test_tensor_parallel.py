@@ -5,8 +5,10 @@ Each 2-rank engine spawns one worker process; every test has a timeout, so a han
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -122,3 +124,33 @@ def test_row_parallel_lora_partial_products_sum_to_the_whole_delta():
     torch.testing.assert_close(partial, x @ a.T @ b.T)
     column = [shard_lora("q_proj", a, b, rank, 2) for rank in range(2)]
     torch.testing.assert_close(torch.cat([x @ pa.T @ pb.T for pa, pb in column], dim=1), x @ a.T @ b.T)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine thread ends by raising
+def test_a_killed_rank_fails_the_servers_requests_and_stops_the_server(tiny_checkpoint):
+    from preft.server.engine_loop import EngineLoop, RequestFailed
+
+    llm = LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, **ENGINE)
+    loop = EngineLoop(llm)
+    stop_server = threading.Event()
+    loop.on_crash = stop_server.set  # ``preft serve`` sends itself SIGTERM here
+    loop.start()
+
+    async def request() -> object:
+        sink: asyncio.Queue = asyncio.Queue()
+        await loop.submit("r1", [1, 2, 3], GREEDY, None, sink)
+        while True:
+            item = await asyncio.wait_for(sink.get(), timeout=60)
+            if isinstance(item, RequestFailed) or item.finished:
+                return item
+
+    try:
+        os.kill(llm.engine.parallel.procs[0].pid, signal.SIGKILL)
+        llm.engine.parallel.procs[0].join(timeout=30)
+        assert isinstance(asyncio.run(request()), RequestFailed)
+        assert stop_server.wait(timeout=30)
+        assert "tensor-parallel worker died: rank 1" in loop.error
+    finally:
+        loop.shutdown()
+        llm.engine.close()
+    assert not loop.alive
