@@ -13,6 +13,9 @@ LoRA adds ``adapters.lora(layer, module, x, out)`` to a linear module's output (
 projection: into that module's columns of it, so the maths is PEFT's), ReFT edits the output
 of a decoder layer. When a step has no adapted token the runner passes ``adapters=None`` and no
 adapter code runs at all.
+
+Tensor parallelism (``preft.engine.parallel.shard_model``) leaves this file's maths alone: a rank's layers hold a
+share of the heads and MLP columns, and ``o_proj`` / ``down_proj`` outputs (LoRA deltas included) are all-reduced.
 """
 
 from __future__ import annotations
