@@ -52,10 +52,6 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_blocks - self.num_free_blocks
 
-    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        """New blocks ``seq`` needs to hold ``num_tokens`` tokens of KV."""
-        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
-
     @staticmethod
     def _hash(parent: bytes | None, content: tuple) -> bytes:
         return hashlib.blake2b(pickle.dumps((parent, content)), digest_size=16).digest()
@@ -111,13 +107,17 @@ class BlockManager:
         self.hits += bool(prefix)
         return num_tokens
 
-    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(seq, seq.num_computed_tokens + num_tokens) <= self.num_free_blocks
-
-    def append(self, seq: Sequence, num_tokens: int) -> None:
-        """Grow ``seq``'s block table to hold ``num_tokens`` more tokens (check ``can_append`` first)."""
-        for _ in range(self.blocks_needed(seq, seq.num_computed_tokens + num_tokens)):
-            seq.block_table.append(self._take_free())
+    def append(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow ``seq``'s block table to hold ``num_tokens`` more tokens; False (nothing changed) if blocks are short."""
+        table = seq.block_table
+        needed = -(-(seq.num_computed_tokens + num_tokens) // self.block_size) - len(table)
+        if needed <= 0:  # the common decode step: the last block has room
+            return True
+        if needed > len(self.free_uncached) + len(self.free_cached):
+            return False
+        for _ in range(needed):
+            table.append(self._take_free())
+        return True
 
     def register_computed(self, seq: Sequence, previously_computed: int) -> None:
         """Publish the full prompt blocks whose KV the last step completed, for later prefix hits."""

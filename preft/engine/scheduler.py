@@ -45,13 +45,15 @@ class Scheduler:
         batch: list[ScheduledSeq] = []
         out_of_room: list[Sequence] = []
         preempted = False
+        running, append_blocks = self.running, self.block_manager.append  # once per step: this loop runs per sequence
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_append(seq, n):
-                victim = self.running[-1]
-                if victim is seq and len(self.running) == 1:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            start = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - start, budget)
+            while not append_blocks(seq, n):  # grows seq's block table unless blocks are short
+                victim = running[-1]
+                if victim is seq and len(running) == 1:
                     out_of_room.append(seq)
                     break
                 self._preempt(victim)
@@ -62,13 +64,13 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # it preempted itself (a status check: `seq in self.running` made each step quadratic)
-            self.block_manager.append(seq, n)
-            batch.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
+            batch.append(ScheduledSeq(seq, start, n))
             budget -= n
             i += 1
         waiting_for_slot = False
-        for seq in list(self.waiting) if not preempted else []:
-            if budget <= 0 or len(self.running) >= self.max_num_seqs:
+        admitting = not preempted and budget > 0 and len(running) < self.max_num_seqs
+        for seq in list(self.waiting) if admitting else []:  # (the copy only when someone may be admitted)
+            if budget <= 0 or len(running) >= self.max_num_seqs:
                 break
             if seq.adapter is not None:
                 if waiting_for_slot:
@@ -99,14 +101,21 @@ class Scheduler:
         failed, self.failed = self.failed, []
         return failed
 
-    def postprocess(self, batch: list[ScheduledSeq]) -> None:
-        """Record the computed KV, publish full prompt blocks, release prefill adapters whose prompt is done."""
+    def postprocess(self, batch: list[ScheduledSeq]) -> int:
+        """Record the computed KV, publish full prompt blocks, release prefill adapters whose prompt is done.
+
+        Returns how many prompt tokens the step computed."""
+        prompt_tokens = 0
         for item in batch:
-            seq = item.seq
-            seq.num_computed_tokens = item.end
-            self.block_manager.register_computed(seq, item.start)
+            seq, start, end = item.seq, item.start, item.end
+            seq.num_computed_tokens = end
+            num_prompt = seq.num_prompt_tokens
+            if start < num_prompt:  # a prefill chunk (only prompt blocks are ever published)
+                prompt_tokens += min(end, num_prompt) - start
+                self.block_manager.register_computed(seq, start)
             if seq.slot is not None and not seq.needs_adapter_slot:
                 self._release_slot(seq)
+        return prompt_tokens
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End ``seq`` (any state): free its blocks and its adapter slot."""

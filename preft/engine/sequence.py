@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from preft.adapters import positions_selected
 
@@ -89,6 +88,18 @@ class RequestOutput:
 _seq_counter = itertools.count()
 
 
+def edit_mask(index: np.ndarray, num_prompt_tokens, edits_generated, first, last) -> np.ndarray:
+    """DESIGN §1's mask rule: which token indices an adapter edits. Element-wise, so the arguments may be
+    per-sequence scalars or per-token arrays (a whole step at once, ``ModelRunner.prepare_adapters``).
+
+    Prompt tokens are edited, generated ones only when ``edits_generated`` (the ``all`` policy); ReFT
+    ``positions`` ``(first, last)`` further keep the first/last k prompt tokens; ``(0, num_prompt_tokens)``
+    keeps every token. Depends only on indices, so recomputation after preemption and prefix-cache hits
+    reproduce exactly the same edits.
+    """
+    return ((index < num_prompt_tokens) | edits_generated) & positions_selected(index, num_prompt_tokens, (first, last))
+
+
 class Sequence:
     """One generated continuation of one request (see module doc)."""
 
@@ -151,27 +162,20 @@ class Sequence:
             return False
         return self.adapter.policy == "all" or self.num_computed_tokens < self.num_prompt_tokens
 
-    def adapter_mask(self, start: int, end: int) -> Tensor | None:
-        """Bool ``[end - start]``: which of tokens ``start..end`` the adapter edits (DESIGN §1); None if none.
-
-        ``prefill``: prompt tokens only; ``all``: every token. ReFT ``positions`` further restrict
-        prompt tokens to the first/last k. Depends only on token indices, so recomputation after
-        preemption and prefix-cache hits reproduce exactly the same edits.
-        """
-        if self.adapter is None or (self.adapter.policy == "prefill" and start >= self.num_prompt_tokens):
+    def adapter_mask(self, start: int, end: int) -> np.ndarray | None:
+        """Bool ``[end - start]``: which of tokens ``start..end`` the adapter edits (``edit_mask``); None if none."""
+        adapter, num_prompt = self.adapter, self.num_prompt_tokens
+        if adapter is None or (adapter.policy == "prefill" and start >= num_prompt):
             return None
-        index = torch.arange(start, end)
-        in_prompt = index < self.num_prompt_tokens
-        mask = in_prompt | (self.adapter.policy == "all")
-        if self.adapter.positions is not None:
-            mask = mask & positions_selected(index, torch.tensor(self.num_prompt_tokens), self.adapter.positions)
-        return mask if bool(mask.any()) else None
+        first, last = adapter.positions or (0, num_prompt)
+        mask = edit_mask(np.arange(start, end), num_prompt, adapter.policy == "all", first, last)
+        return mask if mask.any() else None
 
     def block_cache_key(self, block: int, block_size: int) -> tuple[tuple[int, ...], str]:
         """What a full block's KV depends on besides its prefix: its tokens, adapter identity and edit mask."""
         start, end = block * block_size, (block + 1) * block_size
         mask = self.adapter_mask(start, end)
-        adapter = "" if mask is None else self.adapter.identity + ":" + "".join("1" if m else "0" for m in mask.tolist())
+        adapter = "" if mask is None else self.adapter.identity + ":" + "".join(map(str, mask.view(np.uint8).tolist()))
         return tuple(self.token_ids[start:end]), adapter
 
     def num_cacheable_blocks(self, block_size: int) -> int:
@@ -189,4 +193,6 @@ class Sequence:
         new, self.new_token_ids = self.new_token_ids, []
         num = self.num_tokens - self.num_prompt_tokens
         new_logprobs = None if self.logprobs is None else self.logprobs[num - len(new) :]
-        return CompletionDelta(self.index, new, self.finish_reason, num, new_logprobs, self.token_ids, self.num_prompt_tokens, self.logprobs)
+        return CompletionDelta(
+            self.index, new, self.finish_reason, num, new_logprobs, self.token_ids, self.num_prompt_tokens, self.logprobs
+        )

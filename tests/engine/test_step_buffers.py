@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from preft.engine import SamplingParams
 from preft.engine.model_runner import ScheduledSeq, StepBuffers
-from preft.engine.sequence import Sequence
+from preft.engine.sequence import AdapterRef, Sequence
 
 BS = 4
 
@@ -120,3 +121,57 @@ def test_a_step_is_one_packed_buffer_and_a_larger_step_grows_it():
     storage = ids.untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == storage for t in (meta.slot_mapping, meta.block_tables, meta.context_lens, logits))
     assert ids.dtype == meta.block_tables.dtype == torch.int32
+
+
+def test_adapter_slots_ride_in_the_packed_buffer_and_follow_each_sequences_mask():
+    """Per-token LoRA / ReFT slots, computed for the whole step at once, equal the per-sequence rule
+    (``Sequence.adapter_mask``) for prefill and ``all`` policies, ReFT first/last positions, chunks that cross the
+    prompt's end (a recomputation after preemption) and decode tokens; they live in the step's packed buffer."""
+    pool = Pool()
+    buffers = StepBuffers(max_num_tokens=64, max_num_seqs=8, max_blocks_per_seq=8, block_size=BS, device=torch.device("cpu"))
+    adapters = {
+        "lora-prefill": AdapterRef("a", "lora", "prefill", "h"),
+        "lora-all": AdapterRef("b", "lora", "all", "h"),
+        "direft-prefill-f1l2": AdapterRef("c", "direft", "prefill", "h", (1, 2)),
+        "loreft-all-f2l1": AdapterRef("d", "loreft", "all", "h", (2, 1)),
+    }
+    # (adapter, slot, prompt length, generated tokens, chunk start, chunk length)
+    plan = [
+        (None, None, 5, 0, 0, 5),
+        ("lora-prefill", 3, 9, 0, 2, 7),
+        ("lora-prefill", None, 4, 2, 5, 1),  # decode of a prefill adapter: slot released, nothing edited
+        ("lora-all", 1, 4, 3, 6, 1),  # decode of an `all` adapter
+        ("direft-prefill-f1l2", 0, 8, 0, 0, 8),
+        ("loreft-all-f2l1", 2, 6, 3, 4, 5),  # recomputed after preemption: crosses the prompt's end
+        ("lora-all", 1, 3, 4, 0, 7),
+    ]
+    batch = []
+    for name, slot, prompt_len, generated, start, n in plan:
+        seq = Sequence("r", [5 + i for i in range(prompt_len)], SamplingParams(max_tokens=100), adapters.get(name))
+        seq.token_ids += [7] * generated
+        seq.slot = slot
+        pool.grow(seq, start + n)
+        batch.append(ScheduledSeq(seq, start, n))
+    ids, _, _, _ = buffers.fill(batch, None)
+    lora, lora_active, reft, reft_active = buffers.adapter_slots
+    want = {"lora": [], "reft": []}
+    for item in batch:
+        seq, mask = item.seq, item.seq.adapter_mask(item.start, item.end)
+        for kind in want:
+            mine = seq.adapter is not None and (seq.adapter.kind == "lora") == (kind == "lora")
+            want[kind] += [
+                seq.slot if mine and mask is not None and m else -1 for m in (mask if mask is not None else [0] * item.num_new_tokens)
+            ]
+    assert lora.tolist() == want["lora"] and reft.tolist() == want["reft"]
+    assert lora_active == {1, 3} and reft_active == {0, 2}
+    assert lora.untyped_storage().data_ptr() == reft.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()
+    assert reft.tolist()[14:22] == [0, -1, -1, -1, -1, -1, 0, 0]  # DiReFT: the first 1 and last 2 of 8 prompt tokens
+    assert reft.tolist()[22:27] == [-1, 2, 2, 2, 2]  # `all` LoReFT, tokens 4..8 of 6 + 3: the last prompt token, then generated ones
+
+    base_only = [ScheduledSeq(batch[0].seq, 0, 5), ScheduledSeq(batch[2].seq, 5, 1)]
+    buffers.fill(base_only, None)
+    assert buffers.adapter_slots is None  # no adapted token: the model runs no adapter code
+
+    batch[1].seq.slot = None
+    with pytest.raises(AssertionError, match="adapted but holds no adapter slot"):
+        buffers.fill(batch, None)
