@@ -170,7 +170,7 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
             cp, ca = chosen(groups, task, p, r), chosen(groups, task, a, r)
             d = stats.paired_difference(cp.items(), ca.items()) if cp.rows and ca.rows else None
             shared = len(set(cp.seeds) & set(ca.seeds))
-            diffs.append([f"{p} - {a}", str(r), fmt(d), str(shared)])
+            diffs.append([f"{p} - {a}", str(r), fmt(d) if planned(plan, task, (p, r), (a, r)) else NOT_PLANNED, str(shared)])
             if r == 16 and not planned(plan, task, (p, r), (a, r)):
                 verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", NOT_PLANNED, ""))
             elif r == 16:
