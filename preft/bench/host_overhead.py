@@ -7,10 +7,15 @@ host adds to every device step; on a GPU it is pure overhead unless it overlaps 
 
 Shapes: decode steps of 1, 64 and 256 sequences (half of them with prefill-policy adapters, one in
 eight with an ``all``-policy one, the rest base) and a mixed step of 255 decodes plus one 512-token
-prefill chunk. The breakdown comes from timers wrapped around the engine's own methods
-(``Scheduler.schedule``, ``ModelRunner.prepare``, ``ModelRunner.prepare_adapters``, ``ModelRunner.run``):
-``sample`` is the rest of ``run`` after the forward (logits rows, checks, the sampler), ``outputs`` the
-rest of the step (stop checks, post-processing, building the deltas, the hand-off to the server).
+prefill chunk. The breakdown comes from timers wrapped around the engine's own functions
+(``Scheduler.schedule``, ``ModelRunner.prepare``, ``model_runner.adapter_slots`` (inside ``prepare``: the
+per-token adapter slots), ``ModelRunner.run``): ``sample`` is the rest of ``run`` after the forward (logits
+rows, the sampler with its finiteness check), ``outputs`` the rest of the step (post-processing, stop
+checks, building the deltas, the hand-off to the server).
+
+The machine this runs on is usually shared, so each shape runs ``repeats`` times (a fresh engine each)
+and the report gives, besides the median and p90 of the wall time per step, its p10 and minimum (the
+least disturbed steps) and the median thread CPU time (what the step costs while it holds a core).
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class HostOverheadConfig:
     mixed_decodes: int = 255
     mixed_prefill: int = 512
     prompt_len: int = 16
-    steps: int = 50  # timed steps per shape
+    steps: int = 50  # timed steps per shape and repeat
     warmup: int = 5
+    repeats: int = 3  # fresh engines per shape; their steps are pooled
     device: str = "cpu"
     seed: int = 0
 
@@ -71,6 +77,7 @@ class StageTimers:
 
     def __init__(self):
         self.current: dict[str, float] = defaultdict(float)
+        self.wrapped: list[tuple[object, str, object]] = []
 
     def wrap(self, owner, attribute: str, stage: str) -> None:
         if not hasattr(owner, attribute):  # a renamed stage reads as 0, the rest of the breakdown still holds
@@ -86,6 +93,13 @@ class StageTimers:
                 timers.current[stage] += time.perf_counter() - start
 
         setattr(owner, attribute, timed)
+        self.wrapped.append((owner, attribute, inner))
+
+    def restore(self) -> None:
+        """Unwrap everything (module functions stay wrapped otherwise, and a second engine would time them twice)."""
+        for owner, attribute, inner in reversed(self.wrapped):
+            setattr(owner, attribute, inner)
+        self.wrapped.clear()
 
     def take(self) -> dict[str, float]:
         out, self.current = dict(self.current), defaultdict(float)
@@ -163,46 +177,71 @@ def _handoff(outputs) -> None:
             _HANDOFF(out)
 
 
-def _summarise(step: str, batch: int, totals: list[float], stages: list[dict[str, float]]) -> dict:
-    ms = sorted(t * 1e3 for t in totals)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    # sample: the rest of ModelRunner.run after the (stubbed) forward: logits rows, checks, the sampler;
-    # outputs: the rest of the step after the runner: stop checks, post-processing, the deltas, the hand-off.
+def _percentile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(round(q * (len(sorted_values) - 1))))]
+
+
+@dataclass
+class Steps:
+    """Timed steps of one shape: wall time, thread CPU time and the stage timers of each step."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    repeat_medians_ms: list[float] = field(default_factory=list)
+
+    def extend(self, other: Steps) -> None:
+        self.wall += other.wall
+        self.cpu += other.cpu
+        self.stages += other.stages
+        self.repeat_medians_ms.append(round(statistics.median(other.wall) * 1e3, 4))
+
+
+def _summarise(step: str, batch: int, steps: Steps) -> dict:
+    ms = sorted(t * 1e3 for t in steps.wall)
+    # adapters run inside prepare; sample: the rest of ModelRunner.run after the (stubbed) forward: logits rows,
+    # the sampler; outputs: the rest of the step after the runner: post-processing, stop checks, the deltas, the hand-off.
     per_step = []
-    for t, s in zip(totals, stages):
-        run = s.get("run", 0.0)
-        sample = max(0.0, run - s.get("prepare", 0.0) - s.get("adapters", 0.0) - s.get("forward", 0.0))
+    for t, s in zip(steps.wall, steps.stages):
+        run, prepare, adapters = s.get("run", 0.0), s.get("prepare", 0.0), s.get("adapters", 0.0)
+        sample = max(0.0, run - prepare - s.get("forward", 0.0))
         outputs = max(0.0, t - s.get("schedule", 0.0) - run)
-        per_step.append({"schedule": s.get("schedule", 0.0), "prepare": s.get("prepare", 0.0), "adapters": s.get("adapters", 0.0),
+        per_step.append({"schedule": s.get("schedule", 0.0), "prepare": max(0.0, prepare - adapters), "adapters": adapters,
                          "sample": sample, "outputs": outputs})  # fmt: skip
     breakdown = {stage: statistics.median(p[stage] * 1e3 for p in per_step) for stage in STAGES}
     return {
         "step": step,
         "batch": batch,
         "host_ms_median": statistics.median(ms),
-        "host_ms_p90": p90,
+        "host_ms_p90": _percentile(ms, 0.9),
+        "host_ms_p10": _percentile(ms, 0.1),
         "host_ms_min": ms[0],  # on a shared machine the least disturbed step: closest to the engine's own cost
+        "cpu_ms_median": statistics.median(steps.cpu) * 1e3,  # thread CPU time: not counting time descheduled
+        "repeat_medians_ms": steps.repeat_medians_ms,
         "breakdown_ms": {k: round(v, 4) for k, v in breakdown.items()},
         "steps": len(ms),
     }
 
 
-def _timed_steps(engine, timers: StageTimers, n: int, expect_tokens: int | None = None) -> tuple[list[float], list[dict]]:
-    totals, stages = [], []
+def _timed_steps(engine, timers: StageTimers, n: int) -> Steps:
+    steps = Steps()
     for _ in range(n):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         outputs = engine.step()
         _handoff(outputs)
-        totals.append(time.perf_counter() - start)
-        stages.append(timers.take())
-    return totals, stages
+        steps.cpu.append(time.thread_time() - start_cpu)
+        steps.wall.append(time.perf_counter() - start)
+        steps.stages.append(timers.take())
+    return steps
 
 
 def _instrument(engine) -> StageTimers:
+    from preft.engine import model_runner
+
     timers = StageTimers()
     timers.wrap(engine.scheduler, "schedule", "schedule")
     timers.wrap(engine.runner, "prepare", "prepare")
-    timers.wrap(engine.runner, "prepare_adapters", "adapters")
+    timers.wrap(model_runner, "adapter_slots", "adapters")  # called inside prepare (StepBuffers.fill)
     timers.wrap(engine.runner, "run", "run")
     timers.wrap(engine.runner.model, "forward", "forward")
     return timers
@@ -219,18 +258,21 @@ def _start_decoding(engine, count: int, cfg: HostOverheadConfig, max_tokens: int
         engine.step()
 
 
-def measure_decode(cfg: HostOverheadConfig, batch: int, workdir: Path) -> dict:
+def measure_decode(cfg: HostOverheadConfig, batch: int, workdir: Path) -> Steps:
     engine = _build_engine(cfg, workdir, max_seqs=batch, max_tokens_per_step=max(2048, batch * cfg.prompt_len))
     gen = torch.Generator().manual_seed(cfg.seed)
     _start_decoding(engine, batch, cfg, cfg.warmup + cfg.steps + 8, gen)
     timers = _instrument(engine)
-    _timed_steps(engine, timers, cfg.warmup)
-    totals, stages = _timed_steps(engine, timers, cfg.steps)
+    try:
+        _timed_steps(engine, timers, cfg.warmup)
+        steps = _timed_steps(engine, timers, cfg.steps)
+    finally:
+        timers.restore()
     assert len(engine.scheduler.running) == batch, f"decode batch shrank to {len(engine.scheduler.running)}"
-    return _summarise("decode", batch, totals, stages)
+    return steps
 
 
-def measure_mixed(cfg: HostOverheadConfig, workdir: Path) -> dict:
+def measure_mixed(cfg: HostOverheadConfig, workdir: Path) -> Steps:
     from preft.engine.sampler import SamplingParams
 
     decodes, chunk = cfg.mixed_decodes, cfg.mixed_prefill
@@ -240,21 +282,25 @@ def measure_mixed(cfg: HostOverheadConfig, workdir: Path) -> dict:
     timers = _instrument(engine)
     # One long prompt at a time, prefilled in chunks of `chunk` tokens beside the decodes; random tokens, so no cache hits.
     chunks_per_prompt = 4
-    totals, stages, done, index = [], [], 0, 0
-    while done < cfg.warmup + cfg.steps:
-        prompt = torch.randint(5, 261, (chunk * chunks_per_prompt,), generator=gen).tolist()
-        engine.add_request(f"long{index}", prompt, SamplingParams(max_tokens=1, ignore_eos=True), _adapter_for(index))
-        index += 1
-        for _ in range(chunks_per_prompt):
-            t, s = _timed_steps(engine, timers, 1)
-            if done >= cfg.warmup:
-                totals += t
-                stages += s
-            done += 1
-        while any(s.request_id.startswith("long") for s in engine.scheduler.running):
-            engine.step()  # the step that samples the long request's token is not a mixed step of this shape
-            timers.take()
-    return _summarise("mixed", decodes + 1, totals, stages)
+    steps, done, index = Steps(), 0, 0
+    try:
+        while done < cfg.warmup + cfg.steps:
+            prompt = torch.randint(5, 261, (chunk * chunks_per_prompt,), generator=gen).tolist()
+            engine.add_request(f"long{index}", prompt, SamplingParams(max_tokens=1, ignore_eos=True), _adapter_for(index))
+            index += 1
+            for _ in range(chunks_per_prompt):
+                one = _timed_steps(engine, timers, 1)
+                if done >= cfg.warmup:
+                    steps.wall += one.wall
+                    steps.cpu += one.cpu
+                    steps.stages += one.stages
+                done += 1
+            while any(s.request_id.startswith("long") for s in engine.scheduler.running):
+                engine.step()  # the step that samples the long request's token is not a mixed step of this shape
+                timers.take()
+    finally:
+        timers.restore()
+    return steps
 
 
 def run_host_overhead(cfg: HostOverheadConfig) -> dict:
@@ -270,19 +316,26 @@ def run_host_overhead(cfg: HostOverheadConfig) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             shapes = [("decode", b) for b in cfg.batches] + ([("mixed", cfg.mixed_decodes + 1)] if cfg.mixed_decodes >= 0 else [])
             for step, batch in tqdm(shapes, desc="host overhead", unit="shape"):
-                row = measure_decode(cfg, batch, Path(tmp)) if step == "decode" else measure_mixed(cfg, Path(tmp))
-                results.append(row)
+                steps = Steps()
+                for _ in range(cfg.repeats):
+                    steps.extend(measure_decode(cfg, batch, Path(tmp)) if step == "decode" else measure_mixed(cfg, Path(tmp)))
+                results.append(_summarise(step, batch, steps))
     finally:
         torch.set_num_threads(threads)
     return {"results": results, "environment": environment(torch.device(cfg.device)), "vocab": VOCAB, "config": cfg.__dict__}
 
 
+def _ms(row: dict, key: str, width: int = 7) -> str:
+    return f"{row[key]:{width}.3f}" if key in row else f"{'-':>{width}}"
+
+
 def format_table(report: dict) -> str:
-    lines = [f"{'step':>6} {'batch':>5} {'median ms':>9} {'p90 ms':>7} {'min ms':>7}  " + " ".join(f"{s:>8}" for s in STAGES)]
+    head = f"{'step':>6} {'batch':>5} {'median ms':>9} {'p90 ms':>7} {'p10 ms':>7} {'min ms':>7} {'cpu ms':>7}  "
+    lines = [head + " ".join(f"{s:>8}" for s in STAGES)]
     for r in report["results"]:
         stages = " ".join(f"{r['breakdown_ms'][s]:8.3f}" for s in STAGES)
-        low = f"{r['host_ms_min']:7.3f}" if "host_ms_min" in r else f"{'-':>7}"
-        lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f} {low}  {stages}")
+        lows = f"{_ms(r, 'host_ms_p10')} {_ms(r, 'host_ms_min')} {_ms(r, 'cpu_ms_median')}"
+        lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f} {lows}  {stages}")
     baseline = report.get("baseline")
     if baseline:
         lines.append(f"before (commit {baseline['commit']}, {baseline['note']}):")
@@ -290,8 +343,8 @@ def format_table(report: dict) -> str:
         for r in baseline["results"]:
             after = now.get((r["step"], r["batch"]))
             ratio = f"  -> {after['host_ms_median']:.3f} ms now ({r['host_ms_median'] / after['host_ms_median']:.2f}x)" if after else ""
-            low = f"{r['host_ms_min']:7.3f}" if "host_ms_min" in r else f"{'-':>7}"
-            lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f} {low}{ratio}")
+            lows = f"{_ms(r, 'host_ms_p10')} {_ms(r, 'host_ms_min')} {_ms(r, 'cpu_ms_median')}"
+            lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f} {lows}{ratio}")
     return "\n".join(lines)
 
 
@@ -330,8 +383,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", default=",".join(map(str, d.batches)), help="decode batch sizes, comma-separated")
     parser.add_argument("--mixed-decodes", type=int, default=d.mixed_decodes, help="decodes in the mixed step (-1: no mixed step)")
     parser.add_argument("--mixed-prefill", type=int, default=d.mixed_prefill, help="prefill chunk of the mixed step, tokens")
-    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps per shape")
+    parser.add_argument("--steps", type=int, default=d.steps, help="timed steps per shape and repeat")
     parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="fresh engines per shape (their steps are pooled)")
     parser.add_argument("--device", default=d.device, help="where the stub's tensors live (cpu: host work only)")
     parser.add_argument("--baseline", type=Path, default=None, help="a JSON from an earlier commit to show as 'before'")
 
@@ -343,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         mixed_prefill=args.mixed_prefill,
         steps=args.steps,
         warmup=args.warmup,
+        repeats=args.repeats,
         device=args.device,
     )
     report = run_host_overhead(cfg)

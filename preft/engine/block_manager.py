@@ -72,8 +72,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         found, parent = [], None
-        for i in range(seq.num_cacheable_blocks(self.block_size)):
-            content = seq.block_cache_key(i, self.block_size)
+        for content in seq.block_cache_keys(0, seq.num_cacheable_blocks(self.block_size), self.block_size):
             h = self._hash(parent, content)
             block_id = self.cached.get(h)
             if block_id is None or self.blocks[block_id].content != content:
@@ -126,11 +125,10 @@ class BlockManager:
         first = previously_computed // self.block_size
         last = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
         parent = self.blocks[seq.block_table[first - 1]].hash if first > 0 else None
-        for i in range(first, last):
+        if first >= last or (first > 0 and parent is None):
+            return  # nothing completed; or an unregistered parent (cannot happen for prompt blocks, but never chain on None)
+        for i, content in enumerate(seq.block_cache_keys(first, last, self.block_size), start=first):
             block = self.blocks[seq.block_table[i]]
-            if first > 0 and parent is None:
-                return  # an unregistered parent (cannot happen for prompt blocks, but never chain on None)
-            content = seq.block_cache_key(i, self.block_size)
             h = self._hash(parent, content)
             if block.hash is None:
                 block.hash, block.content = h, content

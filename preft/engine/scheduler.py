@@ -18,7 +18,7 @@ from collections import deque
 from preft.engine.adapter_manager import AdapterManager
 from preft.engine.block_manager import BlockManager
 from preft.engine.model_runner import ScheduledSeq
-from preft.engine.sequence import Sequence, SequenceStatus
+from preft.engine.sequence import RUNNING, Sequence, SequenceStatus
 from preft.errors import PreftError
 
 
@@ -62,7 +62,7 @@ class Scheduler:
                     break
             if out_of_room:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not RUNNING:
                 continue  # it preempted itself (a status check: `seq in self.running` made each step quadratic)
             batch.append(ScheduledSeq(seq, start, n))
             budget -= n

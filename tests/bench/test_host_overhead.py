@@ -6,6 +6,7 @@ import json
 
 from preft.bench.host_overhead import STAGES, StubModel
 from preft.cli import main
+from preft.engine import model_runner
 
 
 def test_host_overhead_writes_json_markdown_and_png_with_every_shape(tmp_path, capsys):
@@ -14,15 +15,18 @@ def test_host_overhead_writes_json_markdown_and_png_with_every_shape(tmp_path, c
     baseline.write_text(json.dumps({"commit": "abc1234", "note": "test", "results": before}))
     out = tmp_path / "ho.json"
     argv = ["bench", "host-overhead", "--json", str(out), "--batches", "1,4", "--mixed-decodes", "3", "--mixed-prefill", "32",
-            "--steps", "3", "--warmup", "1", "--baseline", str(baseline)]  # fmt: skip
+            "--steps", "3", "--warmup", "1", "--repeats", "2", "--baseline", str(baseline)]  # fmt: skip
+    adapter_slots = model_runner.adapter_slots
     assert main(argv) == 0
+    assert model_runner.adapter_slots is adapter_slots  # the stage timer is unwrapped afterwards
     report = json.loads(out.read_text())
     assert [(r["step"], r["batch"]) for r in report["results"]] == [("decode", 1), ("decode", 4), ("mixed", 4)]
     for row in report["results"]:
         assert set(row) >= {"step", "batch", "host_ms_median", "host_ms_p90", "breakdown_ms"}
         assert set(row["breakdown_ms"]) == set(STAGES)
-        assert 0 < row["host_ms_median"] <= row["host_ms_p90"]
-        assert row["breakdown_ms"]["schedule"] > 0 and row["breakdown_ms"]["prepare"] > 0 and row["breakdown_ms"]["sample"] > 0
+        assert 0 < row["host_ms_min"] <= row["host_ms_p10"] <= row["host_ms_median"] <= row["host_ms_p90"]
+        assert row["cpu_ms_median"] > 0 and len(row["repeat_medians_ms"]) == 2 and row["steps"] == 6
+        assert all(row["breakdown_ms"][stage] > 0 for stage in ("schedule", "prepare", "adapters", "sample"))
         assert sum(row["breakdown_ms"].values()) <= row["host_ms_p90"] * 1.5  # parts of one step, not more
     assert report["baseline"]["commit"] == "abc1234"
     assert out.with_suffix(".png").stat().st_size > 1000

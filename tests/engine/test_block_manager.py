@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from preft.engine.block_manager import BlockManager
 from preft.engine.sampler import SamplingParams
-from preft.engine.sequence import Sequence
+from preft.engine.sequence import AdapterRef, Sequence
 
 BLOCK = 4
 
@@ -60,3 +60,12 @@ def test_counts_stay_consistent_through_hits_and_frees():
     assert bm.num_used_blocks == 3 and bm.num_free_blocks == 5
     bm.free_sequence(b)
     assert bm.num_free_blocks == 8
+
+
+def test_block_cache_keys_name_the_adapter_and_mask_only_for_blocks_it_edits():
+    ref = AdapterRef("a", "direft", "prefill", "h", positions=(1, 2))  # edits the first prompt token and the last two
+    s = Sequence("r", list(range(12)), SamplingParams(), ref)
+    keys = s.block_cache_keys(0, 3, BLOCK)
+    assert keys == [((0, 1, 2, 3), "a:h:1000"), ((4, 5, 6, 7), ""), ((8, 9, 10, 11), "a:h:0011")]
+    assert [s.block_cache_keys(i, i + 1, BLOCK)[0] for i in range(3)] == keys  # a range is its blocks one by one
+    assert seq(list(range(12))).block_cache_keys(0, 3, BLOCK) == [(k[0], "") for k in keys]  # no adapter
