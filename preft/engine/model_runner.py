@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import mmap
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,22 +27,22 @@ from preft.engine.sampler import NonFiniteLogitsError, Sampler  # noqa: F401 (No
 from preft.engine.sequence import Sequence, edit_mask
 
 
-@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence's share of a step: tokens ``start .. start + num_new_tokens`` get their KV computed.
 
     ``samples``: the chunk reaches the sequence's last token, so its logits give the next token (set when
-    scheduled; the sequence gains its next token only after the step)."""
+    scheduled; the sequence gains its next token only after the step). A plain class with ``__slots__``:
+    one is built per sequence per step, and a slotted dataclass with ``__post_init__`` costs twice as much."""
 
-    seq: Sequence
-    start: int
-    num_new_tokens: int
-    end: int = field(init=False)
-    samples: bool = field(init=False)
+    __slots__ = ("seq", "start", "num_new_tokens", "end", "samples")
 
-    def __post_init__(self) -> None:
-        self.end = self.start + self.num_new_tokens
-        self.samples = self.end == len(self.seq.token_ids)
+    def __init__(self, seq: Sequence, start: int, num_new_tokens: int):
+        self.seq, self.start, self.num_new_tokens = seq, start, num_new_tokens
+        self.end = start + num_new_tokens
+        self.samples = self.end == len(seq.token_ids)
+
+    def __repr__(self) -> str:
+        return f"ScheduledSeq(request {self.seq.request_id!r}, tokens {self.start}..{self.end})"
 
 
 def kv_block_bytes(config, block_size: int, dtype: torch.dtype) -> int:
