@@ -304,7 +304,7 @@ class ModelRunner:
             self.adapters.slot_events.clear()
         slots = None
         if adapters is not None:
-            host = lambda t: None if t is None else t.cpu()  # noqa: E731
+            host = lambda t: None if t is None else t.cpu().clone()  # noqa: E731 (a view of the step buffer: its own copy)
             slots = (host(adapters.lora_slot), adapters.lora_active, host(adapters.reft_slot), adapters.reft_active)
         packed, sizes, width = self.inputs.last_packed
         self.parallel.send(

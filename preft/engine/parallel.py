@@ -29,6 +29,7 @@ import contextlib
 import datetime
 import logging
 import multiprocessing.connection
+import pickle
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,9 +273,12 @@ class TensorParallel:
         )
 
     def send(self, message: Any) -> None:
+        """``message`` to every worker, pickled once with plain pickle: tensors travel by value (torch's multiprocessing
+        pickler would move them, and the step buffer they may view, into shared memory)."""
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         try:
             for conn in self.conns:
-                conn.send(message)
+                conn.send_bytes(data)
         except (OSError, EOFError) as e:  # BrokenPipeError: the worker is gone
             raise self.died(e) from e
 
@@ -333,7 +337,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Co
         group = connect(spec.port, device, rank, spec.size)
         model = load_sharded_model(spec.model_dir, spec.dtype, device, rank, spec.size, group)
         conn.send(("ready",))
-        command, *options = conn.recv()
+        command, *options = pickle.loads(conn.recv_bytes())
         if command == "stop":
             return
         options = options[0]
@@ -344,7 +348,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn: multiprocessing.connection.Co
         window = sliding_window(model.config)
         conn.send(("ready",))
         while True:
-            message = conn.recv()
+            message = pickle.loads(conn.recv_bytes())
             if not isinstance(message, StepMessage):  # ("stop",)
                 return
             with torch.inference_mode():
