@@ -126,7 +126,7 @@ class Sampler:
         finite = torch.isfinite(raw.sum(-1))
         logits = raw if token_bitmask is None else apply_token_bitmask(raw, token_bitmask)
         params = [s.params for s in seqs]
-        steps = [s.num_tokens - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the draw's counter
+        steps = [len(s.token_ids) - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the draw's counter
         logits = apply_min_tokens(logits, seqs, steps)
         logits = apply_logit_bias(logits, params)
         logits = apply_penalties(logits, seqs)
@@ -213,6 +213,8 @@ def _flat_rows(lists: list[list[int]], device: torch.device) -> tuple[Tensor, Te
 
 def apply_min_tokens(logits: Tensor, seqs: list[Sequence], steps: list[int]) -> Tensor:
     """EOS ids (unless ``ignore_eos``) and ``stop_token_ids`` at -inf for rows that have fewer than ``min_tokens``."""
+    if not any(s.params.min_tokens for s in seqs):
+        return logits
     blocked = [list(s.min_tokens_stop_ids) if step < s.params.min_tokens else [] for s, step in zip(seqs, steps)]
     if not any(blocked):
         return logits
@@ -235,6 +237,8 @@ def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     number of tokens, not the vocabulary size.
     """
     params = [s.params for s in seqs]
+    if not any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in params):
+        return logits
     repetition = [p.repetition_penalty != 1.0 for p in params]
     counted = [bool(p.frequency_penalty or p.presence_penalty) for p in params]
     if not any(repetition) and not any(counted):
