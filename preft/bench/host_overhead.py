@@ -366,6 +366,9 @@ def plot(report: dict, path: Path) -> None:
     baseline = {(r["step"], r["batch"]): r["host_ms_median"] for r in (report.get("baseline") or {}).get("results", [])}
     if baseline:
         ax.scatter(labels, [baseline.get((r["step"], r["batch"])) for r in rows], color="black", marker="_", s=400, label="before")
+    targets = [TARGET_MS[r["step"]] if r["batch"] >= 256 else None for r in rows]  # issue 12's targets are for batch 256
+    if any(t is not None for t in targets):
+        ax.scatter(labels, targets, color="red", marker="_", s=400, label="target")
     ax.set_ylabel("host ms per step (median)")
     ax.set_title(f"engine host overhead, stub forward ({report['environment']['device_name']})")
     ax.legend(fontsize=8)

@@ -7,6 +7,10 @@ Outputs are deltas (``CompletionDelta``: the step's new token ids and logprobs, 
 the count so far), never copies of the output so far. The engine does not detokenise: text and stop
 strings belong to ``preft.engine.detokenizer``, run by ``LLM.generate`` and by the server off this
 thread; a stop string found there ends its sequence through ``stop_sequence`` (or an abort).
+
+Steps are synchronous: step t+1 is scheduled once step t's tokens are on the host. The host's share of a
+batch-256 step (~1.3-1.9 ms on a 2-core CPU, ``preft bench host-overhead``) is not overlapped with the
+device's (vLLM's asynchronous scheduling); why, and what it would take: benchmarks/README.md, "Host overhead".
 """
 
 from __future__ import annotations
