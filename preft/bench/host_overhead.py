@@ -13,7 +13,7 @@ per-token adapter slots), ``ModelRunner.run``): ``sample`` is the rest of ``run`
 rows, the sampler with its finiteness check), ``outputs`` the rest of the step (post-processing, stop
 checks, building the deltas, the hand-off to the server).
 
-The machine this runs on is usually shared, so each shape runs ``repeats`` times (a fresh engine each)
+The machine this runs on is often shared, so a shape can run ``repeats`` times (a fresh engine each)
 and the report gives, besides the median and p90 of the wall time per step, its p10 and minimum (the
 least disturbed steps) and the median thread CPU time (what the step costs while it holds a core).
 """
@@ -48,7 +48,7 @@ class HostOverheadConfig:
     prompt_len: int = 16
     steps: int = 50  # timed steps per shape and repeat
     warmup: int = 5
-    repeats: int = 3  # fresh engines per shape; their steps are pooled
+    repeats: int = 1  # fresh engines per shape, their steps pooled (on a shared machine: --repeats 3)
     device: str = "cpu"
     seed: int = 0
 
