@@ -30,6 +30,7 @@ import datetime
 import logging
 import multiprocessing.connection
 import pickle
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,7 +253,7 @@ class TensorParallel:
         self._finalizer = weakref.finalize(self, _stop_workers, self.procs, self.conns)
         try:
             self.wait("started")  # a worker that fails to start is reported now, not at the group's timeout
-            self.group = process_group(self.store, device, 0, size)  # returns once every rank has joined
+            self.group = self._join(device, size)
         except BaseException:
             self.close()
             raise
@@ -260,6 +261,27 @@ class TensorParallel:
 
     def dead_ranks(self) -> list[str]:
         return [f"rank {r} (pid {p.pid}, exit code {p.exitcode})" for r, p in enumerate(self.procs, 1) if not p.is_alive()]
+
+    def _join(self, device: torch.device, size: int) -> Any:
+        """Rank 0's process group. Joining blocks in C++ until every rank has joined, so it runs on a thread while
+        this one watches the workers: a rank that dies before joining is reported at once, not at the group's timeout."""
+        result: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                result["group"] = process_group(self.store, device, 0, size)
+            except BaseException as e:  # noqa: BLE001  (re-raised below, on the caller's thread)
+                result["error"] = e
+
+        thread = threading.Thread(target=join, name="preft-tp-join", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(timeout=0.1)
+            if thread.is_alive() and self.dead_ranks():
+                raise self.died()
+        if "error" in result:
+            raise result["error"]
+        return result["group"]
 
     def died(self, cause: BaseException | None = None) -> TensorParallelError:
         """The error that ends the engine; names the ranks that exited (waits a moment for their exit codes)."""

@@ -20,7 +20,7 @@ from preft.engine.parallel import TensorParallelError, check_tensor_parallel, sh
 from preft.errors import PreftError
 from preft.tiny import random_adapter
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = pytest.mark.timeout(180, method="thread")  # "thread": also ends a hang inside a C++ collective
 
 # Small KV pool and step budget: prompts are prefilled in chunks and running sequences get preempted.
 ENGINE = dict(dtype="float32", device="cpu", block_size=4, num_kv_blocks=14, max_num_batched_tokens=8, max_adapter_slots=2)
@@ -106,6 +106,24 @@ def test_a_killed_rank_ends_the_engine_with_an_error_naming_it(tiny_checkpoint):
     finally:
         llm.engine.close()
     assert not worker.is_alive()
+
+
+def test_a_rank_that_dies_before_joining_the_group_is_reported_at_once(tiny_checkpoint, monkeypatch):
+    """Joining the process group blocks in C++; rank 0 still notices the dead worker instead of waiting for the timeout."""
+    from preft.engine import parallel
+
+    wait = parallel.TensorParallel.wait
+
+    def wait_then_kill(self, expected, *args, **kwargs):
+        wait(self, expected, *args, **kwargs)
+        if expected == "started":  # the worker is about to join: kill it first
+            os.kill(self.procs[0].pid, signal.SIGKILL)
+            self.procs[0].join(timeout=30)
+
+    monkeypatch.setattr(parallel.TensorParallel, "wait", wait_then_kill)
+    assert parallel.COLLECTIVE_TIMEOUT_S > 180  # waiting for the group's timeout would outlast the test's
+    with pytest.raises(TensorParallelError, match=r"worker died: rank 1 \(pid \d+, exit code -9\)"):
+        LLM(tiny_checkpoint("llama"), tensor_parallel_size=2, **ENGINE)
 
 
 def test_a_size_that_does_not_divide_the_heads_is_refused_naming_the_sizes_that_would(tiny_checkpoint):
