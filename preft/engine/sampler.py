@@ -46,7 +46,7 @@ class SamplingParams:
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max (0: off)
     presence_penalty: float = 0.0  # [-2, 2], subtracted from tokens the output already holds
     frequency_penalty: float = 0.0  # [-2, 2], times how often the output holds the token
-    repetition_penalty: float = 1.0  # > 0; tokens of prompt or output: logit / p if positive, logit * p if not
+    repetition_penalty: float = 1.0  # in [0.01, 100] (so logits stay finite); tokens of prompt or output: logit / p if positive, logit * p if not
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     seed: int | None = None  # completion i of the request samples with seed + i
@@ -76,7 +76,7 @@ class SamplingParams:
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (0.01 <= self.repetition_penalty <= 100, f"repetition_penalty must be in [0.01, 100] (1 = off), got {self.repetition_penalty}"),
             (not bad_bias, f"logit_bias values must be in [-100, 100], got {bad_bias}"),
             (0 <= self.min_tokens <= self.max_tokens, f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
             (self.n >= 1, f"n must be >= 1, got {self.n}"),

@@ -69,7 +69,7 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)  # vLLM extra; 1 = off
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)  # vLLM extra; 1 = off; bounded so logits stay finite
     logit_bias: dict[str, float] | None = None  # token id (a string, as OpenAI sends it) -> bias in [-100, 100]
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # vLLM extra; 0 = off
     min_tokens: int = Field(0, ge=0)  # vLLM extra: no EOS / stop token ids before this many tokens

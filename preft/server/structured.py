@@ -29,7 +29,8 @@ def response_format_spec(response_format: Any) -> dict | None:
     if kind == "json_object":
         return {"json": None}
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        wrapper = response_format.get("json_schema")
+        schema = wrapper.get("schema") if isinstance(wrapper, dict) else None
         if not isinstance(schema, dict):
             raise APIError(400, "response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}", param="response_format")
         return {"json": schema}

@@ -114,6 +114,7 @@ def test_chat_completions_take_the_knobs_too(client, server):
         ("presence_penalty", {"presence_penalty": 2.5}),
         ("frequency_penalty", {"frequency_penalty": -3}),
         ("repetition_penalty", {"repetition_penalty": 0}),
+        ("repetition_penalty", {"repetition_penalty": 1e-300}),  # would scale logits to inf: a 400, not a failed request
         ("min_p", {"min_p": 1.5}),
         ("min_tokens", {"min_tokens": -1}),
         ("min_tokens", {"min_tokens": 9, "max_tokens": 4}),

@@ -126,6 +126,7 @@ def test_vllm_guided_extras_constrain_chat_and_completions(server, client):
     [
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"response_format": {"type": "json_schema", "json_schema": 5}}, "response_format"),
         ({"guided_regex": "(unclosed"}, "guided_regex"),
         ({"guided_json": "{not json"}, "guided_json"),
         ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
