@@ -85,6 +85,8 @@ def check_config_fits(config: Any, model_config: Any) -> None:
     n_layers, hidden = _get(model_config, "num_hidden_layers"), _get(model_config, "hidden_size")
     outside = [layer for layer in config.layers or () if layer >= n_layers]
     if outside:
-        raise AdapterShapeError(f"{config.kind} layers {outside} are out of range: the base model has {n_layers} layers (0..{n_layers - 1})")
+        raise AdapterShapeError(
+            f"{config.kind} layers {outside} are out of range: the base model has {n_layers} layers (0..{n_layers - 1})"
+        )
     if config.kind != "lora" and config.r > hidden:
         raise AdapterShapeError(f"{config.kind} rank r={config.r} exceeds the base model's hidden size {hidden}")

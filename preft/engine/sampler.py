@@ -46,7 +46,7 @@ class SamplingParams:
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max (0: off)
     presence_penalty: float = 0.0  # [-2, 2], subtracted from tokens the output already holds
     frequency_penalty: float = 0.0  # [-2, 2], times how often the output holds the token
-    repetition_penalty: float = 1.0  # in [0.01, 100] (so logits stay finite); tokens of prompt or output: logit / p if positive, logit * p if not
+    repetition_penalty: float = 1.0  # [0.01, 100]; prompt and output tokens: logit / p if positive, logit * p if not
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many tokens
     seed: int | None = None  # completion i of the request samples with seed + i
