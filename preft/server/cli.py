@@ -150,6 +150,7 @@ def build_state(args: argparse.Namespace):
     from preft.server.app import ServerState
     from preft.server.default_model import default_model
     from preft.server.engine_loop import EngineLoop
+    from preft.server.metrics import Metrics
 
     adapters: dict[str, tuple[str, str | None]] = {}
     default_name = None
@@ -175,7 +176,7 @@ def build_state(args: argparse.Namespace):
             raise ValueError(f"--adapter name {name!r} is the base model's name; choose another")
         info = llm.add_adapter(name, path, policy=policy)
         logger.info("loaded adapter %r: %s rank %d, policy %s, from %s", name, info.kind, info.rank, info.policy, path)
-    engine_loop = EngineLoop(llm)
+    engine_loop = EngineLoop(llm, metrics=Metrics(model_name))  # vLLM's model_name label: the served id, never a host path
     engine_loop.start()
     sampling_defaults = generation_defaults(args.generation_config, llm.engine.model_dir)
     if sampling_defaults:

@@ -64,6 +64,10 @@ def test_preft_serve_with_no_model_starts_answers_and_exits_cleanly(tmp_path_fac
         for model in (BASE, sorted(ADAPTERS)[0]):
             response = httpx.post(url + "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 4}, timeout=60)
             assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] >= 1
+        labels = {
+            line.split('model_name="')[1].split('"')[0] for line in httpx.get(url + "/metrics").text.splitlines() if 'model_name="' in line
+        }
+        assert labels == {BASE}  # the served model id, never the converted model's host path
         process.send_signal(sig)
         code = process.wait(timeout=60)
     finally:
