@@ -47,6 +47,7 @@ from preft.server.protocol import (
     ModelNotFound,
     TokenizeRequest,
     UnloadAdapterRequest,
+    engine_error,
     error_body,
     sampling_params,
 )
@@ -626,7 +627,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(PreftError)
     async def preft_error(request: Request, e: PreftError) -> JSONResponse:
-        return JSONResponse(error_body(400, str(e)), status_code=400)
+        error = engine_error(e)
+        return JSONResponse(error.body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:

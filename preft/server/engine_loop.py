@@ -30,7 +30,7 @@ from preft.engine.parallel import TensorParallelError
 from preft.engine.sequence import RequestOutput
 from preft.errors import PreftError
 from preft.server.metrics import Metrics
-from preft.server.protocol import APIError, ModelNotFound
+from preft.server.protocol import APIError, ModelNotFound, engine_error
 
 logger = logging.getLogger("preft.server")
 
@@ -258,7 +258,7 @@ class EngineLoop:
         try:
             self.engine.add_request(stream.request_id, prompt, params, name)
         except PreftError as e:
-            raise APIError(400, str(e)) from None
+            raise engine_error(e) from None
         self._streams[stream.request_id] = stream
 
     def _stop_sequence(self, request_id: str, index: int) -> None:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from preft.errors import PreftError
+
 GREEDY_BELOW = 1e-5  # a temperature below this samples greedily, as in vLLM (dividing logits by ~0 overflows)
 # status -> OpenAI error ``type``
 ERROR_TYPES = {
@@ -258,21 +260,32 @@ def sampling_params(request: SamplingFields, max_tokens: int, logprobs: int | No
     def knob(name: str) -> Any:
         return getattr(request, name) if name in request.model_fields_set or name not in (defaults or {}) else defaults[name]
 
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=knob("temperature"),
-        top_p=knob("top_p"),
-        top_k=max(knob("top_k"), 0),
-        min_p=knob("min_p"),
-        repetition_penalty=knob("repetition_penalty"),
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        logit_bias={int(token): bias for token, bias in (request.logit_bias or {}).items()},
-        min_tokens=request.min_tokens,
-        seed=request.seed,
-        stop=request.stop_list(),
-        stop_token_ids=list(request.stop_token_ids),
-        ignore_eos=request.ignore_eos,
-        n=request.n,
-        logprobs=logprobs,
-    )
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=knob("temperature"),
+            top_p=knob("top_p"),
+            top_k=max(knob("top_k"), 0),
+            min_p=knob("min_p"),
+            repetition_penalty=knob("repetition_penalty"),
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias={int(token): bias for token, bias in (request.logit_bias or {}).items()},
+            min_tokens=request.min_tokens,
+            seed=request.seed,
+            stop=request.stop_list(),
+            stop_token_ids=list(request.stop_token_ids),
+            ignore_eos=request.ignore_eos,
+            n=request.n,
+            logprobs=logprobs,
+        )
+    except PreftError as e:  # a check across fields (e.g. min_tokens > max_tokens)
+        raise engine_error(e) from e
+
+
+def engine_error(e: PreftError) -> APIError:
+    """A 400 for an engine-side check of a request; ``param`` is the request field the message starts with
+    (the engine's checks name the field first: ``"min_tokens must be ..."``, ``"logit_bias token ids ..."``)."""
+    field = str(e).split(" ", 1)[0]
+    known = field in CompletionRequest.model_fields or field in ChatCompletionRequest.model_fields
+    return APIError(400, str(e), param=field if known else None)

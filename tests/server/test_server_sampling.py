@@ -130,7 +130,7 @@ def test_bad_knobs_are_400s_that_name_the_field(server, field, body):
     )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert field in (error["param"] or "") or field in error["message"], error
+    assert error["param"] == field and field in error["message"], error
 
 
 def test_generation_config_defaults_fill_only_what_the_request_leaves_out(client, server, offline):
