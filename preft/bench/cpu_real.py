@@ -12,7 +12,7 @@ Workloads, given to both sides as the same token ids (float32, greedy):
 - ``decode``: batch 1 and batch 8, exactly ``--decode-tokens`` (32) output tokens per request
   (preft: ``ignore_eos``; transformers: ``min_new_tokens``), output tok/s over the whole call.
 
-Every (side, workload) runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own.
+Every (side, workload) runs in its own subprocess, so its peak RSS (``VmHWM``) is its own.
 The parent writes ``<model>-cpu-<threads>threads-<date>.{json,md,png}`` to ``benchmarks/results/cpu-<date>/`` (or
 ``--output-dir``): wall time, output tok/s, load time and peak RSS per side, the ratios against
 the targets (wall time <= 0.6x, peak RSS <= 1.3x transformers'), how many chat requests got
@@ -22,6 +22,7 @@ exactly the same greedy tokens on both sides, and the machine's load average aro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -122,13 +123,15 @@ def chat_prompts(tokenizer, num_requests: int) -> list[list[int]]:
 
 
 def rss_mb() -> tuple[float, float]:
-    """(current RSS, peak RSS) of this process in MiB."""
-    current = 0.0
-    with open("/proc/self/status") as status:
+    """(current RSS, peak RSS) of this process in MiB. Both from /proc/self/status where it exists: the kernel
+    computes VmHWM as at least VmRSS, whereas ``ru_maxrss`` can lag the current RSS by a few pages."""
+    fields = {}
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                current = int(line.split()[1]) / 1024
-    return current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                fields[line.split(":")[0]] = int(line.split()[1]) / 1024
+    peak = fields.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return fields.get("VmRSS", 0.0), peak
 
 
 # ---- one side, one workload (runs in a child process) ---------------------------------------
