@@ -28,6 +28,7 @@ from preft.adapters import Adapter, LoraConfig, linear_shapes, load_adapter
 from preft.engine.lowrank import grouped_low_rank, segment_plan
 from preft.engine.parallel import shard_lora, shard_shapes
 from preft.engine.sequence import AdapterRef
+from preft.hf.generate import device_tensor
 from preft.errors import PreftError
 
 
@@ -435,7 +436,7 @@ class AdapterBatch:
             elif with_rank == active_slots:
                 self._masked[key] = token_slot
             else:
-                keep = torch.tensor([stack.host_ranks[s] > 0 for s in range(len(stack.host_ranks))] + [False], device=token_slot.device)
+                keep = device_tensor([stack.host_ranks[s] > 0 for s in range(len(stack.host_ranks))] + [False], None, token_slot.device)
                 self._masked[key] = torch.where(keep[token_slot], token_slot, -1)  # index -1 reads the trailing False
         return self._masked[key]
 

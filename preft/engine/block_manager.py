@@ -118,12 +118,14 @@ class BlockManager:
             table.append(self._take_free())
         return True
 
-    def register_computed(self, seq: Sequence, previously_computed: int) -> None:
-        """Publish the full prompt blocks whose KV the last step completed, for later prefix hits."""
+    def register_computed(self, seq: Sequence, previously_computed: int, computed: int | None = None) -> None:
+        """Publish the full prompt blocks whose KV a step completed (tokens ``previously_computed .. computed``,
+        default: up to ``seq.num_computed_tokens``), for later prefix hits."""
         if not self.enable_prefix_caching:
             return
         first = previously_computed // self.block_size
-        last = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.block_size
+        computed = seq.num_computed_tokens if computed is None else computed
+        last = min(computed, seq.num_prompt_tokens) // self.block_size
         parent = self.blocks[seq.block_table[first - 1]].hash if first > 0 else None
         if first >= last or (first > 0 and parent is None):
             return  # nothing completed; or an unregistered parent (cannot happen for prompt blocks, but never chain on None)

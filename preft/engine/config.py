@@ -73,6 +73,13 @@ class EngineConfig:
     )
     max_model_len: int | None = field(default=None, metadata=option("context length (default: the model's)"))
     use_cuda_graphs: bool = field(default=True, metadata=option("replay decode steps as CUDA graphs (--enforce-eager: off)"))
+    async_scheduling: bool | None = field(
+        default=None,
+        metadata=option(
+            "schedule and launch step t+1 while the device runs step t; the next input tokens are read on the device and "
+            "stop checks land one step late (default: on for CUDA with one rank, off on CPU, where nothing overlaps)"
+        ),
+    )
     seed: int | None = field(default=None, metadata=option("seed torch's global RNG at start (a request's own 'seed' still wins)"))
     tensor_parallel_size: int = field(
         default=1,
@@ -135,6 +142,9 @@ def add_engine_arguments(
         if f.name == "enable_prefix_caching":
             target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             target.add_argument("--no-prefix-caching", dest=f.name, action="store_false", help="= --no-enable-prefix-caching")
+            continue
+        if f.name == "async_scheduling":
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if f.name == "use_cuda_graphs":
             target.add_argument(

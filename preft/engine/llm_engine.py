@@ -8,9 +8,14 @@ the count so far), never copies of the output so far. The engine does not detoke
 strings belong to ``preft.engine.detokenizer``, run by ``LLM.generate`` and by the server off this
 thread; a stop string found there ends its sequence through ``stop_sequence`` (or an abort).
 
-Steps are synchronous: step t+1 is scheduled once step t's tokens are on the host. The host's share of a
-batch-256 step (~1.3-1.9 ms on a 2-core CPU, ``preft bench host-overhead``) is not overlapped with the
-device's (vLLM's asynchronous scheduling); why, and what it would take: benchmarks/README.md, "Host overhead".
+Asynchronous scheduling (``async_scheduling``, on by default on CUDA): the engine schedules and launches
+step t+1 while the device still runs step t, and only then waits for step t's sampled ids. A sequence
+whose newest token is still on the device has it read there by step t+1 (``seq.num_pending``,
+``StepBuffers.fill``); stop checks and outputs trail by one step, and a token computed past a stop is
+dropped. Steps whose sequences need their tokens on the host first (structured outputs, penalties) are
+collected before the next is scheduled. If a collected step failed, the step launched on top of it is
+rolled back and the failed step's requests rerun alone, as in synchronous mode. benchmarks/README.md,
+"Host overhead", has the measurements.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, Schedul
 from preft.engine.parallel import TensorParallel, TensorParallelError, check_tensor_parallel, load_sharded_model, local_forward
 from preft.engine.sampler import SamplingParams, request_seed
 from preft.engine.scheduler import Scheduler
-from preft.engine.sequence import RequestOutput, Sequence
+from preft.engine.sequence import RUNNING, RequestOutput, Sequence
 from preft.errors import PreftError
 from preft.models import resolve_model
 
@@ -111,6 +116,10 @@ class LLMEngine:
         kv_budget = None if kv_cache_memory_bytes is None else parse_memory_size(kv_cache_memory_bytes)  # bad input fails before the load
         started = time.perf_counter()
         self.tensor_parallel_size = tp = config.tensor_parallel_size
+        if config.async_scheduling and tp > 1:
+            raise PreftError("async_scheduling needs tensor_parallel_size=1 (workers follow rank 0's steps with host inputs)")
+        # overlap pays where the device runs ahead of the host: CUDA; on CPU the forward blocks the host anyway
+        self.async_scheduling = config.async_scheduling if config.async_scheduling is not None else self.device.type == "cuda" and tp == 1
         self.parallel: TensorParallel | None = None
         if tp == 1:
             self.model = load_model(self.model_dir, self.dtype, self.device)
@@ -153,11 +162,12 @@ class LLMEngine:
                 num_blocks=num_kv_blocks, block_size=block_size, max_num_seqs=max_num_seqs,
                 max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len, max_adapter_slots=max_adapter_slots,
             )  # fmt: skip
-        self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, self.adapters, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         # Graphs replay decode steps (adapter-free, and with `all`-policy adapters); prefill runs eagerly.
         started = time.perf_counter()
         self.use_cuda_graphs = use_cuda_graphs and tp == 1 and self.runner.capture_decode_graphs(max_num_seqs, self.max_model_len)
         self.requests: dict[str, list[Sequence]] = {}
+        self.inflight: LaunchedStep | None = None  # asynchronous scheduling: the launched step not yet collected
         self.errors: dict[str, str] = {}  # request id -> why it failed in this step (see _run_isolated)
         self.prompt_tokens = 0
         self.generation_tokens = 0
@@ -330,13 +340,27 @@ class LLMEngine:
             self.errors.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
+        # A step in flight holds only sequences the scheduler still has, unless all of them have ended (then its
+        # tokens would be dropped anyway, and the next step collects it).
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; a delta for each request that produced tokens or finished in it."""
-        batch, out_of_room = self.scheduler.schedule()
+        """Run one step; a delta for each request that produced tokens or finished in it.
+
+        With asynchronous scheduling the step launches step t+1 before it waits for step t's sampled ids (step
+        t+1 reads them on the device), then turns step t's ids into tokens and deltas: outputs trail launches by
+        one step, and a sequence that stops in step t has computed one more token, which is dropped. A step
+        whose sequences need their tokens on the host before the next one (structured outputs, penalties) is
+        waited for first."""
         touched: dict[str, None] = {}
+        prev, self.inflight = self.inflight, None
+        if prev is not None and not prev.overlappable:
+            self._complete(prev, touched)
+            prev = None
+        batch, out_of_room = self.scheduler.schedule()
         for seq in out_of_room:
+            if seq.num_pending:
+                continue  # its token in flight is still valid: it ends on the next schedule, once that token is in
             self.scheduler.finish(seq, "length")
             touched[seq.request_id] = None
         for seq, error in self.scheduler.take_failed():  # its adapter could not be put in a device slot
@@ -344,14 +368,90 @@ class LLMEngine:
             self._fail_request(seq.request_id, error)
         if touched:  # sequences ended before running (no KV room, an adapter that failed): not in the step
             batch = [item for item in batch if not item.seq.is_finished]
+        launched, launch_error = None, None
         if batch:
-            batch, next_ids = self._run_isolated(batch)
-            sampled = [item.seq for item in batch if item.samples]
-            self.prompt_tokens += self.scheduler.postprocess(batch)
-            self.generation_tokens += len(next_ids)
-            for seq, token_id in zip(sampled, next_ids):
+            try:
+                launched = self._launch(batch)
+            except TensorParallelError:  # no request is to blame: the engine cannot continue
+                raise
+            except Exception as e:
+                launch_error = e
+        if prev is not None and not self._complete(prev, touched, later=launched):
+            launched = None  # rolled back: its sequences are scheduled again
+        if launch_error is not None:
+            self._isolate([item for item in batch if not item.seq.is_finished], launch_error, touched)
+        elif launched is not None:
+            if launched.overlappable:
+                self.inflight = launched
+            else:
+                self._complete(launched, touched)
+        return self._outputs(touched)
+
+    def _launch(self, batch: list[ScheduledSeq]) -> LaunchedStep:
+        """Queue ``batch`` on the device; its sequences' sampled tokens become pending, its KV counts as computed."""
+        handle = self.runner.launch(batch)
+        sampled = [item.seq for item in batch if item.samples]
+        for row, seq in enumerate(sampled):
+            seq.num_pending += 1
+            seq.pending_row = row
+        self.scheduler.advance(batch)
+        overlappable = self.async_scheduling and not any(_needs_host_tokens(seq) for seq in sampled)
+        return LaunchedStep(batch, sampled, handle, overlappable)
+
+    def _complete(self, step: LaunchedStep, touched: dict[str, None], later: LaunchedStep | None = None) -> bool:
+        """Wait for ``step``'s sampled ids and append them (stop checks included). If the step failed, ``later``
+        (launched on top of it) is rolled back and the step's requests rerun alone (``_isolate``). Returns whether
+        ``later`` still stands."""
+        try:
+            ids = self.runner.collect(step.handle)
+        except TensorParallelError:
+            raise
+        except Exception as e:
+            for undone in (later, step) if later is not None else (step,):  # newest first: back to before ``step``
+                self.scheduler.roll_back(undone.batch)  # (it may preempt a sequence whose adapter slot was taken meanwhile)
+                for seq in undone.sampled:
+                    seq.num_pending -= 1
+            self._isolate([item for item in step.batch if item.seq.status is RUNNING], e, touched)
+            return False
+        for seq in step.sampled:
+            seq.num_pending -= 1
+        self.prompt_tokens += self.scheduler.complete(step.batch)
+        for seq, token_id in zip(step.sampled, ids):
+            if seq.is_finished:
+                continue  # ended while the step ran (abort, stop string, a stop token in the step before): dropped
+            self._append(seq, token_id)
+            touched[seq.request_id] = None
+        return True
+
+    def _isolate(self, batch: list[ScheduledSeq], error: Exception, touched: dict[str, None]) -> None:
+        """The step failed with ``error``: run each request's share alone (synchronously), so that only the requests
+        that fail alone end (with finish_reason ``"error"``) and every other request gets exactly its tokens (DESIGN §6).
+
+        A rerun recomputes the same KV positions (idempotent) and draws the same random numbers (they are a
+        function of seed and position); logprobs are recorded only once a step's ids pass their checks."""
+        by_request: dict[str, list[ScheduledSeq]] = {}
+        for item in batch:
+            by_request.setdefault(item.seq.request_id, []).append(item)
+        if len(by_request) == 1:
+            self._fail_request(batch[0].seq.request_id, _describe(error, batch[0].seq))
+            return
+        if by_request:
+            logger.warning("a step of %d requests failed (%s); running each alone to isolate it", len(by_request), error)
+        for request_id, items in by_request.items():
+            try:
+                ids = self.runner.run(items)
+            except TensorParallelError:
+                raise
+            except Exception as e:
+                self._fail_request(request_id, _describe(e, items[0].seq))
+                continue
+            self.scheduler.advance(items)
+            self.prompt_tokens += self.scheduler.complete(items)
+            for seq, token_id in zip([item.seq for item in items if item.samples], ids):
                 self._append(seq, token_id)
-                touched[seq.request_id] = None
+                touched[request_id] = None
+
+    def _outputs(self, touched: dict[str, None]) -> list[RequestOutput]:
         errors = self.errors
         touched.update(dict.fromkeys(errors))
         outputs = []
@@ -367,42 +467,6 @@ class LLMEngine:
             outputs.append(out)
         return outputs
 
-    def _run_isolated(self, batch: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[int]]:
-        """Run the step; if it fails, run each request's share alone, so that only the requests that fail
-        alone end (with finish_reason ``"error"``) and every other request gets exactly its tokens (DESIGN §6).
-
-        A rerun recomputes the same KV positions (idempotent) and draws the same random numbers (they are a
-        function of seed and position); logprobs are rewound first, so a rerun request samples what it would have sampled.
-        """
-        rewind = [(item.seq, len(item.seq.logprobs) if item.seq.logprobs is not None else 0) for item in batch]
-        try:
-            return batch, self.runner.run(batch)
-        except TensorParallelError:  # no request is to blame: the engine cannot continue
-            raise
-        except Exception as e:
-            by_request: dict[str, list[ScheduledSeq]] = {}
-            for item in batch:
-                by_request.setdefault(item.seq.request_id, []).append(item)
-            if len(by_request) == 1:
-                self._fail_request(batch[0].seq.request_id, _describe(e, batch[0].seq))
-                return [], []
-            logger.warning("a step of %d requests failed (%s); running each alone to isolate it", len(by_request), e)
-        kept, next_ids = [], []
-        for request_id, items in by_request.items():
-            for seq, num_logprobs in rewind:
-                if seq.request_id == request_id and seq.logprobs is not None:
-                    del seq.logprobs[num_logprobs:]
-            try:
-                ids = self.runner.run(items)
-            except TensorParallelError:
-                raise
-            except Exception as e:
-                self._fail_request(request_id, _describe(e, items[0].seq))
-                continue
-            kept += items
-            next_ids += ids
-        return kept, next_ids
-
     def _fail_request(self, request_id: str, error: str) -> None:
         """End every sequence of ``request_id`` with finish_reason ``"error"``; its output carries ``error``."""
         if request_id not in self.requests:
@@ -417,6 +481,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token_id: int) -> None:
         seq.append_token(token_id)
+        self.generation_tokens += 1
         params = seq.params
         reason = None
         num_tokens = len(seq.token_ids)
@@ -485,3 +550,19 @@ def _describe(error: Exception, seq: Sequence) -> str:
     if isinstance(error, PreftError):
         return str(error)
     return f"computing this request failed ({type(error).__name__})"
+
+
+class LaunchedStep:
+    """A step on the device whose sampled ids have not been collected (``LLMEngine._launch``)."""
+
+    __slots__ = ("batch", "sampled", "handle", "overlappable")
+
+    def __init__(self, batch: list[ScheduledSeq], sampled: list[Sequence], handle, overlappable: bool):
+        self.batch, self.sampled, self.handle, self.overlappable = batch, sampled, handle, overlappable
+
+
+def _needs_host_tokens(seq: Sequence) -> bool:
+    """Whether ``seq``'s next step needs its newest token on the host: a grammar advances on it (structured
+    outputs), penalties count it. Such a step is collected before the next one is scheduled."""
+    p = seq.params
+    return seq.guide is not None or p.repetition_penalty != 1.0 or bool(p.frequency_penalty) or bool(p.presence_penalty)

@@ -23,7 +23,7 @@ from preft.engine.cuda_graphs import DecodeGraphs
 from preft.engine.guided import GuidedDecoding
 from preft.engine.model import CausalLM, sliding_window
 from preft.engine.parallel import StepMessage, TensorParallel
-from preft.engine.sampler import NonFiniteLogitsError, Sampler  # noqa: F401 (NonFiniteLogitsError: re-exported)
+from preft.engine.sampler import NonFiniteLogitsError, SampleHandle, Sampler  # noqa: F401 (NonFiniteLogitsError: re-exported)
 from preft.engine.sequence import Sequence, edit_mask
 
 
@@ -31,7 +31,8 @@ class ScheduledSeq:
     """One sequence's share of a step: tokens ``start .. start + num_new_tokens`` get their KV computed.
 
     ``samples``: the chunk reaches the sequence's last token, so its logits give the next token (set when
-    scheduled; the sequence gains its next token only after the step). A plain class with ``__slots__``:
+    scheduled; the sequence gains its next token only after the step). The last token may itself still be
+    pending (asynchronous scheduling: sampled by the step before, its id not yet on the host). A plain class with ``__slots__``:
     one is built per sequence per step, and a slotted dataclass with ``__post_init__`` costs twice as much."""
 
     __slots__ = ("seq", "start", "num_new_tokens", "end", "samples")
@@ -39,7 +40,7 @@ class ScheduledSeq:
     def __init__(self, seq: Sequence, start: int, num_new_tokens: int):
         self.seq, self.start, self.num_new_tokens = seq, start, num_new_tokens
         self.end = start + num_new_tokens
-        self.samples = self.end == len(seq.token_ids)
+        self.samples = self.end == len(seq.token_ids) + seq.num_pending
 
     def __repr__(self) -> str:
         return f"ScheduledSeq(request {self.seq.request_id!r}, tokens {self.start}..{self.end})"
@@ -72,7 +73,8 @@ class StepBuffers:
     Per step the staging buffer holds, back to back: input ids [N], positions [N], slot mapping [N],
     cu_query_lens [B + 1], context lens [B], logits rows [L], block tables [B, W] (W: the step's widest
     table), then the per-token LoRA and ReFT adapter slots [N] each, or [0] when no token of the step is
-    edited (``adapter_slots``; ``self.adapter_slots`` holds the step's views and active slots). On CUDA it
+    edited (``adapter_slots``; ``self.adapter_slots`` holds the step's views and active slots), and the
+    pending input tokens' indices and rows of the last step's sampled ids [P] each (asynchronous scheduling). On CUDA it
     is pinned and double-buffered (the next step may fill one while the last copy of the other is in
     flight), and the copy is non-blocking; on CPU the views are the staging buffer itself.
 
@@ -90,7 +92,7 @@ class StepBuffers:
         self.row_len = [0] * len(self.tables)  # how much of that list the row holds
         self.free_rows = list(range(len(self.tables) - 1, -1, -1))
         self.adapter_slots: tuple[Tensor | None, set[int], Tensor | None, set[int]] | None = None  # of the last step
-        self._allocate(5 * max_num_tokens + 3 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq)
+        self._allocate(5 * max_num_tokens + 5 * max_num_seqs + 1 + max_num_seqs * max_blocks_per_seq)
 
     def _allocate(self, size: int) -> None:
         pinned = self.device.type == "cuda"
@@ -132,15 +134,25 @@ class StepBuffers:
             self.row_len[row] = len(table)
         return row
 
-    def fill(self, batch: list[ScheduledSeq], sliding_window: int | None) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
-        """``(input_ids, positions, attention metadata, logits rows)`` of a step, on the device."""
+    def fill(
+        self, batch: list[ScheduledSeq], sliding_window: int | None, last_sampled: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
+        """``(input_ids, positions, attention metadata, logits rows)`` of a step, on the device.
+
+        A sequence whose last token is pending (``seq.num_pending``: asynchronous scheduling) gets it from
+        ``last_sampled``, the sampled ids of the step in flight, row ``seq.pending_row``: a gather on the device."""
         num_seqs = len(batch)
         self._reserve_rows(batch)
         input_ids: list[int] = []
         starts, ends, rows, samples = [], [], [], []
+        pending_at, pending_row = [], []  # asynchronous scheduling: input tokens still on the device, and where
         for item in batch:
             seq, start, end = item.seq, item.start, item.end
             input_ids += seq.token_ids[start:end]
+            if end > len(seq.token_ids):  # its last token was sampled by the step still in flight: read it there
+                pending_at.append(len(input_ids))
+                pending_row.append(seq.pending_row)
+                input_ids.append(0)
             starts.append(start)
             ends.append(end)
             rows.append(self._row(seq))
@@ -158,7 +170,7 @@ class StepBuffers:
         lora_slots, lora_active, reft_slots, reft_active = adapter_slots(batch, positions, query_lens)
 
         sizes = (num_tokens, num_tokens, num_tokens, num_seqs + 1, num_seqs, len(logits_rows), num_seqs * width)
-        sizes += (len(lora_slots), len(reft_slots))
+        sizes += (len(lora_slots), len(reft_slots), len(pending_at), len(pending_row))
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         if offsets[-1] > len(self.on_device):
             self._allocate(int(offsets[-1]) * 2)
@@ -177,6 +189,8 @@ class StepBuffers:
         tables[:] = self.tables[rows, :width]
         parts[7][:] = lora_slots
         parts[8][:] = reft_slots
+        parts[9][:] = pending_at
+        parts[10][:] = pending_row
         device = self.on_device
         if self.copied:
             device[: offsets[-1]].copy_(staging[: offsets[-1]], non_blocking=True)
@@ -184,6 +198,14 @@ class StepBuffers:
             self.turn = 1 - self.turn
         self.last_packed = (host[: offsets[-1]], sizes, width)  # what tensor-parallel workers are sent (preft.engine.parallel)
         views = [device[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+        if pending_at:
+            if last_sampled is None:
+                raise AssertionError("a step reads pending tokens, but no step's sampled ids are on the device")
+            # On the device, in stream order after the step that samples them: no sync, nothing waits for the host.
+            # A row that could not be sampled holds -1 (its step fails when collected, and this one is rolled back):
+            # clamped, so that the embedding never sees an id outside the vocabulary (a device-side assert on CUDA).
+            pending = last_sampled.index_select(0, views[10].long()).clamp(min=0).to(torch.int32)
+            views[0].index_copy_(0, views[9].long(), pending)
         meta = AttentionMetadata(
             slot_mapping=views[2],
             cu_query_lens=views[3],
@@ -279,6 +301,7 @@ class ModelRunner:
         self.inputs = StepBuffers(max_num_batched_tokens, max_num_seqs, -(-max_model_len // block_size), block_size, self.device)
         self.parallel: TensorParallel | None = None  # rank 0 of a tensor-parallel engine: the workers each step is sent to
         self.kv_events: list[tuple] = []  # tensor parallel: KV blocks to zero on the workers before the next step
+        self.last_sampled: Tensor | None = None  # the last launched step's sampled ids, on the device
 
     def capture_decode_graphs(self, max_batch: int, max_model_len: int) -> bool:
         """CUDA graphs for decode steps, adapter-free or with `all`-policy adapters (CUDA with Triton only); True if in use."""
@@ -313,7 +336,7 @@ class ModelRunner:
 
     def prepare(self, batch: list[ScheduledSeq]) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
         """``(input_ids [N], positions [N], attention metadata, logits rows)`` of a step, on the model's device (int32)."""
-        return self.inputs.fill(batch, self.sliding_window)
+        return self.inputs.fill(batch, self.sliding_window, self.last_sampled)
 
     def prepare_adapters(self, batch: list[ScheduledSeq], num_tokens: int):
         """The step's adapter view (per-token slots, filled by ``prepare`` into the packed step buffer: one
@@ -321,9 +344,14 @@ class ModelRunner:
         slots = self.inputs.adapter_slots
         return None if slots is None else self.adapters.batch(*slots)
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSeq]) -> list[int]:
         """Compute the batch's new tokens' KV; return the next token of every sequence whose chunk reached its end."""
+        return self.collect(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: list[ScheduledSeq]) -> SampleHandle | None:
+        """Queue the step on the device: inputs, forward, sampling, and the copy of the sampled ids to the host.
+        On CUDA nothing here waits for the device; ``collect`` does. None when no sequence of the step samples."""
         input_ids, positions, meta, logits_rows = self.prepare(batch)
         adapters = self.prepare_adapters(batch, len(input_ids))
         hidden = None
@@ -338,9 +366,15 @@ class ModelRunner:
         if hidden is None:
             hidden = self.model(input_ids, positions, self.kv_cache, meta, adapters)
         if not len(logits_rows):
-            return []
+            return None
         logits = self.model.logits(hidden[logits_rows])
         seqs = [item.seq for item in batch if item.samples]
-        # Rows with NaN or inf logits raise NonFiniteLogitsError in the sampler (flags ride in its one copy to the host).
+        # Rows with NaN or inf logits raise NonFiniteLogitsError in collect (flags ride in the one copy to the host).
         token_bitmask = self.guided.bitmask(seqs) if self.guided is not None else None  # structured outputs
-        return self.sampler(logits, seqs, token_bitmask)
+        handle = self.sampler.launch(logits, seqs, token_bitmask)
+        self.last_sampled = handle.next_ids  # where the next step reads pending tokens (asynchronous scheduling)
+        return handle
+
+    def collect(self, handle: SampleHandle | None) -> list[int]:
+        """Wait for a launched step's sampled ids (``launch``) and check them; raises as ``Sampler.collect``."""
+        return [] if handle is None else self.sampler.collect(handle)

@@ -34,7 +34,7 @@ from torch import Tensor
 from preft.engine.guided import apply_token_bitmask, check_spec
 from preft.engine.sequence import Sequence
 from preft.errors import PreftError
-from preft.hf.generate import random_seeds, sample_next
+from preft.hf.generate import device_tensor, random_seeds, sample_next
 
 
 @dataclass
@@ -121,12 +121,19 @@ class Sampler:
         """``logits [B, V]`` for ``seqs`` -> next token ids; appends to ``seq.logprobs`` where asked.
 
         Raises ``NonFiniteLogitsError`` (naming only those rows' sequences) if some rows' logits are not finite."""
+        return self.collect(self.launch(logits, seqs, token_bitmask))
+
+    def launch(self, logits: Tensor, seqs: list[Sequence], token_bitmask: Tensor | None = None) -> SampleHandle:
+        """Sample on the device and start the copy of the results to the host; ``collect`` waits for it.
+
+        The draws count the tokens a sequence has generated, including ``num_pending`` ones whose ids are still
+        on their way (asynchronous scheduling: the step before this one has not been collected yet)."""
         raw = logits.float()
         # A NaN or inf anywhere in a row makes its sum NaN or inf: one cheap reduction, not an isfinite over [B, V].
         finite = torch.isfinite(raw.sum(-1))
         logits = raw if token_bitmask is None else apply_token_bitmask(raw, token_bitmask)
         params = [s.params for s in seqs]
-        steps = [len(s.token_ids) - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the draw's counter
+        steps = [len(s.token_ids) + s.num_pending - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the counter
         logits = apply_min_tokens(logits, seqs, steps)
         logits = apply_logit_bias(logits, params)
         logits = apply_penalties(logits, seqs)
@@ -137,17 +144,64 @@ class Sampler:
         else:
             next_ids = greedy(logits)  # what sample_next does for an all-greedy batch
         asked = [i for i, s in enumerate(seqs) if s.logprobs is not None]
+        ks = [seqs[i].params.logprobs for i in asked]
         if not asked:
-            ids, row_sum_finite = torch.stack([next_ids, finite.long()]).tolist()  # the step's one device-to-host copy
-            check_finite(row_sum_finite, raw, seqs)
+            packed, k = torch.stack([next_ids, finite.long()]), 0
+        else:
+            packed, k = pack_logprobs(raw, next_ids, asked, ks, finite)
+        return SampleHandle(seqs, raw, next_ids, to_host(packed), asked, ks, k)
+
+    def collect(self, handle: SampleHandle) -> list[int]:
+        """Wait for ``handle``'s copy; check it (``NonFiniteLogitsError``, ``SamplingError``); record logprobs; the ids."""
+        flat = handle.host.wait().tolist()  # the step's one device-to-host copy, already under way
+        seqs = handle.seqs
+        if not handle.asked:
+            ids, row_sum_finite = flat
+            check_finite(row_sum_finite, handle.raw, seqs)
             check_drawn(ids, seqs)
             return ids
-        ids, row_sum_finite, top = gather_logprobs(raw, next_ids, asked, [seqs[i].params.logprobs for i in asked], finite)
-        check_finite(row_sum_finite, raw, seqs)
+        ids, row_sum_finite, top = unpack_logprobs(flat, len(seqs), handle.asked, handle.ks, handle.k)
+        check_finite(row_sum_finite, handle.raw, seqs)
         check_drawn(ids, seqs)
-        for i, entry in zip(asked, top):
+        for i, entry in zip(handle.asked, top):
             seqs[i].logprobs.append(entry)
         return ids
+
+
+class HostCopy:
+    """A device tensor on its way to the host: a non-blocking copy into pinned memory on CUDA (``wait`` syncs
+    on its event only), the tensor itself on CPU."""
+
+    __slots__ = ("tensor", "event")
+
+    def __init__(self, tensor: Tensor, event: torch.cuda.Event | None = None):
+        self.tensor, self.event = tensor, event
+
+    def wait(self) -> Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        return self.tensor
+
+
+def to_host(tensor: Tensor) -> HostCopy:
+    if tensor.device.type != "cuda":
+        return HostCopy(tensor)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return HostCopy(host, event)
+
+
+class SampleHandle:
+    """One step's sampling, launched: ``next_ids`` stay on the device (the next step may read them there, before
+    they reach the host); ``Sampler.collect`` turns the handle into token ids."""
+
+    __slots__ = ("seqs", "raw", "next_ids", "host", "asked", "ks", "k")
+
+    def __init__(self, seqs: list[Sequence], raw: Tensor, next_ids: Tensor, host: HostCopy, asked: list[int], ks: list[int], k: int):
+        self.seqs, self.raw, self.next_ids, self.host, self.asked, self.ks, self.k = seqs, raw, next_ids, host, asked, ks, k
 
 
 def greedy(logits: Tensor) -> Tensor:
@@ -179,19 +233,22 @@ def check_drawn(ids: list[int], seqs: list[Sequence]) -> None:
         )
 
 
-def gather_logprobs(
-    raw: Tensor, next_ids: Tensor, asked: list[int], ks: list[int], finite: Tensor
-) -> tuple[list[int], list[float], list[dict[int, float]]]:
-    """The sampled ids and ``finite`` flags of every row and, for rows ``asked``, the model's log-probabilities of
-    their top ``k`` tokens and of their sampled token; computed for all asked rows at once, copied to the host in one go."""
-    rows = torch.tensor(asked, device=raw.device)
+def pack_logprobs(raw: Tensor, next_ids: Tensor, asked: list[int], ks: list[int], finite: Tensor) -> tuple[Tensor, int]:
+    """One float64 tensor with the sampled ids and ``finite`` flags of every row and, for rows ``asked``, the model's
+    log-probabilities of their sampled token and of their top ``k`` tokens (computed for all asked rows at once, so
+    that one copy brings everything to the host; float64 holds token ids exactly). ``unpack_logprobs`` reads it."""
+    rows = device_tensor(asked, torch.long, raw.device)
     logprobs = torch.log_softmax(raw.index_select(0, rows), dim=-1)
     k = min(max(ks), logprobs.shape[-1])
     values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
     chosen = logprobs.gather(-1, next_ids.index_select(0, rows)[:, None].clamp(min=0))
     parts = [next_ids.double(), finite.double(), chosen.double().flatten(), top_ids.double().flatten(), values.double().flatten()]
-    flat = torch.cat(parts).tolist()  # the step's one device-to-host copy (float64 holds token ids exactly)
-    batch, count = next_ids.shape[0], len(asked)
+    return torch.cat(parts), k
+
+
+def unpack_logprobs(flat: list[float], batch: int, asked: list[int], ks: list[int], k: int) -> tuple[list[int], list[float], list[dict]]:
+    """``pack_logprobs``'s tensor, on the host as a list -> (ids, finite flags, per asked row ``{token: logprob}``)."""
+    count = len(asked)
     ids = [int(t) for t in flat[:batch]]
     flags, flat = flat[batch : 2 * batch], flat[2 * batch :]
     chosen_lp = flat[:count]
@@ -206,9 +263,9 @@ def gather_logprobs(
 
 def _flat_rows(lists: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
     """``lists[i]`` -> (row index of each item, the items) as int64 tensors, flattened: no per-row tensor work."""
-    lengths = torch.tensor([len(x) for x in lists], device=device)
-    rows = torch.repeat_interleave(torch.arange(len(lists), device=device), lengths)
-    return rows, torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long, device=device)
+    rows = [i for i, x in enumerate(lists) for _ in x]
+    both = device_tensor([rows, list(chain.from_iterable(lists))], torch.long, device)  # one copy, no sync (device_tensor)
+    return both[0], both[1]
 
 
 def apply_min_tokens(logits: Tensor, seqs: list[Sequence], steps: list[int]) -> Tensor:
@@ -219,14 +276,14 @@ def apply_min_tokens(logits: Tensor, seqs: list[Sequence], steps: list[int]) -> 
     if not any(blocked):
         return logits
     rows, ids = _flat_rows(blocked, logits.device)
-    return logits.index_put((rows, ids), torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put((rows, ids), logits.new_full((), float("-inf")))
 
 
 def apply_logit_bias(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     if not any(p.logit_bias for p in params):
         return logits
     rows, ids = _flat_rows([list(p.logit_bias) for p in params], logits.device)
-    bias = torch.tensor(list(chain.from_iterable(p.logit_bias.values() for p in params)), dtype=logits.dtype, device=logits.device)
+    bias = device_tensor(list(chain.from_iterable(p.logit_bias.values() for p in params)), logits.dtype, logits.device)
     return logits.index_put((rows, ids), bias, accumulate=True)
 
 
@@ -248,14 +305,14 @@ def apply_penalties(logits: Tensor, seqs: list[Sequence]) -> Tensor:
     if any(repetition):
         rows, ids = _flat_rows([s.token_ids if used else [] for s, used in zip(seqs, repetition)], device)
         seen = torch.unique(rows * vocab + ids)
-        penalty = torch.tensor([p.repetition_penalty for p in params], dtype=flat.dtype, device=device)[seen // vocab]
+        penalty = device_tensor([p.repetition_penalty for p in params], flat.dtype, device)[seen // vocab]
         values = flat[seen]
         flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
     if any(counted):
         rows, ids = _flat_rows([s.completion_token_ids if used else [] for s, used in zip(seqs, counted)], device)
         index, counts = torch.unique(rows * vocab + ids, return_counts=True)
-        frequency = torch.tensor([p.frequency_penalty for p in params], dtype=flat.dtype, device=device)[index // vocab]
-        presence = torch.tensor([p.presence_penalty for p in params], dtype=flat.dtype, device=device)[index // vocab]
+        frequency = device_tensor([p.frequency_penalty for p in params], flat.dtype, device)[index // vocab]
+        presence = device_tensor([p.presence_penalty for p in params], flat.dtype, device)[index // vocab]
         flat.index_add_(0, index, -(frequency * counts + presence))
     return flat.view_as(logits)
 

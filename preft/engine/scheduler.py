@@ -23,8 +23,16 @@ from preft.errors import PreftError
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, adapters: AdapterManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        adapters: AdapterManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int = 1 << 62,
+    ):
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -50,7 +58,10 @@ class Scheduler:
         while i < len(running) and budget > 0:
             seq = running[i]
             start = seq.num_computed_tokens
-            n = min(len(seq.token_ids) - start, budget)
+            if seq.num_pending and self._ends_with_pending(seq):
+                i += 1  # its pending token is its last (max_tokens, max_model_len): nothing more to compute
+                continue
+            n = min(len(seq.token_ids) + seq.num_pending - start, budget)
             while not append_blocks(seq, n):  # grows seq's block table unless blocks are short
                 victim = running[-1]
                 if victim is seq and len(running) == 1:
@@ -96,25 +107,51 @@ class Scheduler:
             budget -= n
         return batch, out_of_room
 
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        num_tokens = len(seq.token_ids) + seq.num_pending
+        return num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens or num_tokens >= self.max_model_len
+
     def take_failed(self) -> list[tuple[Sequence, str]]:
         """The sequences that could not start since the last call, and why (the engine fails their requests)."""
         failed, self.failed = self.failed, []
         return failed
 
-    def postprocess(self, batch: list[ScheduledSeq]) -> int:
-        """Record the computed KV, publish full prompt blocks, release prefill adapters whose prompt is done.
+    def advance(self, batch: list[ScheduledSeq]) -> None:
+        """The step was launched: its tokens count as computed (the next step is scheduled from there), and prefill
+        adapters whose prompt is done give their slot back (a slot reloaded later is written in stream order, after
+        the launched step has read it)."""
+        for item in batch:
+            seq = item.seq
+            seq.num_computed_tokens = item.end
+            if seq.slot is not None and not seq.needs_adapter_slot:
+                self._release_slot(seq)
 
-        Returns how many prompt tokens the step computed."""
+    def roll_back(self, batch: list[ScheduledSeq]) -> None:
+        """The launched step is discarded (a step before it failed, under asynchronous scheduling): undo ``advance``.
+        A sequence that gave back an adapter slot it needs again and cannot get one at once is preempted."""
+        for item in batch:
+            seq = item.seq
+            if seq.status is not RUNNING:
+                continue
+            seq.num_computed_tokens = item.start
+            if seq.needs_adapter_slot and seq.slot is None:
+                try:
+                    seq.slot = self.adapters.acquire(seq.adapter.name)
+                except PreftError:
+                    seq.slot = None
+                if seq.slot is None:
+                    self._preempt(seq)
+
+    def complete(self, batch: list[ScheduledSeq]) -> int:
+        """The step's results are in: publish its full prompt blocks. Sequences that ended or were preempted
+        meanwhile are skipped. Returns how many prompt tokens the step computed."""
         prompt_tokens = 0
         for item in batch:
             seq, start, end = item.seq, item.start, item.end
-            seq.num_computed_tokens = end
-            num_prompt = seq.num_prompt_tokens
-            if start < num_prompt:  # a prefill chunk (only prompt blocks are ever published)
-                prompt_tokens += min(end, num_prompt) - start
-                self.block_manager.register_computed(seq, start)
-            if seq.slot is not None and not seq.needs_adapter_slot:
-                self._release_slot(seq)
+            if seq.status is not RUNNING or start >= seq.num_prompt_tokens:
+                continue
+            prompt_tokens += min(end, seq.num_prompt_tokens) - start  # a prefill chunk (only prompt blocks are ever published)
+            self.block_manager.register_computed(seq, start, end)
         return prompt_tokens
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -135,6 +135,10 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.guide = None  # structured output: this sequence's grammar matcher (preft.engine.guided), if any
         self.new_token_ids: list[int] = []  # since the last delta
+        # Asynchronous scheduling: tokens sampled in launched steps whose ids have not reached the host yet (0 or 1 when
+        # a step is scheduled), and the row of the last launched step's sampled ids that holds the newest of them.
+        self.num_pending = 0
+        self.pending_row = 0
         self.num_preemptions = 0
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None

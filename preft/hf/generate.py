@@ -40,6 +40,16 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+def device_tensor(values, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """``torch.tensor(values)`` on ``device`` without a host sync: on CUDA through pinned memory and a non-blocking
+    copy (a copy from pageable memory waits for the device's queued work, which would stall an engine that runs
+    ahead of it); PyTorch's pinned-memory cache keeps the staging buffer until the copy has run."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def seeded_uniforms(seeds: list[int], steps: list[int], device: torch.device | str = "cpu") -> Tensor:
     """One float64 number in ``[0, 1)`` per row, a pure function of the row's ``(seed, step)`` (a counter-based stream).
 
@@ -48,9 +58,9 @@ def seeded_uniforms(seeds: list[int], steps: list[int], device: torch.device | s
     (preemption, fault isolation) draws the same number again.
     """
     seed64 = [s % 2**64 for s in seeds]
-    lo = torch.tensor([s & MASK32 for s in seed64], dtype=torch.int64, device=device)
-    hi = torch.tensor([s >> 32 for s in seed64], dtype=torch.int64, device=device)
-    step = torch.tensor(steps, dtype=torch.int64, device=device) & MASK32
+    lo = device_tensor([s & MASK32 for s in seed64], torch.int64, device)
+    hi = device_tensor([s >> 32 for s in seed64], torch.int64, device)
+    step = device_tensor(steps, torch.int64, device) & MASK32
     key = _mix32(_mix32(_mix32(lo ^ 0x9E3779B9) ^ hi) ^ step)
     a, b = _mix32(key ^ 0x85EBCA6B), _mix32(key ^ 0xC2B2AE35)
     return ((a << 21) | (b >> 11)).double() * 2.0**-53  # 53 random bits: each multiple of 2**-53 in [0, 1) equally likely
@@ -79,7 +89,7 @@ def filter_logits(
     """
     vocab, device = logits.shape[-1], logits.device
     if min_p is not None:
-        floor = torch.tensor(min_p, dtype=logits.dtype, device=device).log()  # p >= min_p p_max  <=>  logit >= max + log(min_p)
+        floor = device_tensor(min_p, logits.dtype, device).log()  # p >= min_p p_max  <=>  logit >= max + log(min_p)
         logits = logits.masked_fill(logits < logits.amax(-1, keepdim=True) + floor[:, None], float("-inf"))
     if top_k is not None:
         top_k = [k if 0 < k < vocab else vocab for k in top_k]  # 0 (off) keeps the whole vocabulary
@@ -87,9 +97,9 @@ def filter_logits(
         return _top_k_top_p(logits, top_k or [vocab] * logits.shape[0], top_p)
     if top_k is not None:
         kmax = max(k for k in top_k if k < vocab)
-        k = torch.tensor([min(k, kmax) for k in top_k], device=device)
+        k = device_tensor([min(k, kmax) for k in top_k], None, device)
         kth = logits.topk(kmax, dim=-1).values.gather(-1, k[:, None] - 1)
-        kth = kth.masked_fill(torch.tensor([k == vocab for k in top_k], device=device)[:, None], float("-inf"))
+        kth = kth.masked_fill(device_tensor([k == vocab for k in top_k], None, device)[:, None], float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return logits
 
@@ -103,12 +113,12 @@ def _top_k_top_p(logits: Tensor, top_k: list[int], top_p: list[float]) -> Tensor
     """Top-k (``vocab`` = off), then top-p on the renormalised rest, over the tokens sorted by logit."""
     rows, vocab = logits.shape
     device = logits.device
-    k_off = torch.tensor([k == vocab for k in top_k], device=device)
-    p = torch.tensor(top_p, dtype=logits.dtype, device=device)
+    k_off = device_tensor([k == vocab for k in top_k], None, device)
+    p = device_tensor(top_p, logits.dtype, device)
     head = TOP_P_HEAD if device.type == "cpu" and vocab > TOP_P_HEAD and all(k <= TOP_P_HEAD or k == vocab for k in top_k) else vocab
     while True:
         values, order = logits.topk(head, dim=-1) if head < vocab else logits.sort(-1, descending=True)
-        kth = values.gather(-1, torch.tensor([min(k, head) for k in top_k], device=device)[:, None] - 1)
+        kth = values.gather(-1, device_tensor([min(k, head) for k in top_k], None, device)[:, None] - 1)
         values = values.masked_fill(values < kth.masked_fill(k_off[:, None], float("-inf")), float("-inf"))
         norm = values.logsumexp(-1)
         if head < vocab:  # rows without top-k renormalise over the whole vocabulary, not the head
@@ -172,7 +182,7 @@ def sample_next(
     if not any(temps):
         return logits.argmax(-1)
     device = logits.device
-    scale = torch.tensor([t if t > 0 else 1.0 for t in temps], dtype=torch.float32, device=device)
+    scale = device_tensor([t if t > 0 else 1.0 for t in temps], torch.float32, device)
     scaled = logits.float() / scale[:, None]
     knobs = {"top_k": _per_row(top_k, rows), "top_p": _per_row(top_p, rows), "min_p": _per_row(min_p, rows)}
     used = {
@@ -185,7 +195,7 @@ def sample_next(
     sampled = draw(scaled.softmax(-1), seeded_uniforms(seeds, _per_row(step, rows), device))
     if all(temps):
         return sampled
-    greedy = torch.tensor([t == 0 for t in temps], device=device)
+    greedy = device_tensor([t == 0 for t in temps], None, device)
     return torch.where(greedy, logits.argmax(-1), sampled)
 
 

@@ -31,8 +31,8 @@ def test_200_adapters_with_4_slots_all_correct_and_prefill_slots_released_after_
     for i, (prompt, name) in enumerate(zip(prompts, names)):
         engine.add_request(str(i), prompt, SamplingParams(max_tokens=4, ignore_eos=True), name)
     slots_during_step = []
-    run = engine.runner.run
-    engine.runner.run = lambda batch: slots_during_step.append(engine.stats()["adapter_slots_used"]) or run(batch)
+    launch = engine.runner.launch
+    engine.runner.launch = lambda batch: slots_during_step.append(engine.stats()["adapter_slots_used"]) or launch(batch)
     outputs = {}
     while engine.has_unfinished_requests():
         for out in engine.step():

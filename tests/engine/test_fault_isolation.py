@@ -9,15 +9,20 @@ import torch
 
 from preft.adapters import LoraConfig, ReftConfig, save_adapter
 from preft.engine import LLM, SamplingParams
+from preft.engine.sampler import Sampler
 from preft.tiny import random_adapter
 
 PROMPTS = {"base-a": [5, 6, 7, 8, 9], "base-b": [11, 12, 13], "lora": [20, 21, 22, 23], "reft": [30, 31]}
 ADAPTER_OF = {"base-a": None, "base-b": None, "lora": "lora", "reft": "reft"}
 
 
-@pytest.fixture
-def llm(tiny_checkpoint):
-    llm = LLM(tiny_checkpoint("llama"), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, max_adapter_slots=4)
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def llm(tiny_checkpoint, request):
+    """Both scheduling modes: under asynchronous scheduling a failure is found one step late (tests/engine/test_async_scheduling.py)."""
+    llm = LLM(
+        tiny_checkpoint("llama"), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, max_adapter_slots=4,
+        async_scheduling=request.param,
+    )  # fmt: skip
     config = llm.engine.config
     llm.add_adapter("lora", random_adapter(config, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), seed=1, std=0.3))
     llm.add_adapter("reft", random_adapter(config, ReftConfig(kind="direft", r=2), seed=2, std=0.3))
@@ -67,15 +72,15 @@ def test_non_finite_logits_from_one_adapter_fail_that_request_only(llm, seed):
 def test_an_exception_while_sampling_one_request_fails_it_and_rewinds_the_others(llm, monkeypatch):
     good = good_requests(seed=3)
     expected = alone(llm, good)
-    sampler = llm.engine.runner.sampler
 
-    def flaky(logits, seqs, *args):
-        if any(s.request_id == "bad" for s in seqs):
-            sampler(logits, seqs, *args)  # consume the others' generators first: the rerun must rewind them
-            raise RuntimeError("boom")
-        return sampler(logits, seqs, *args)
+    class Flaky(Sampler):
+        def launch(self, logits, seqs, *args):
+            if any(s.request_id == "bad" for s in seqs):
+                super().launch(logits, seqs, *args)  # draw for the others first: the rerun must draw the same again
+                raise RuntimeError("boom")
+            return super().launch(logits, seqs, *args)
 
-    monkeypatch.setattr(llm.engine.runner, "sampler", flaky)
+    monkeypatch.setattr(llm.engine.runner, "sampler", Flaky())
     got = run(llm, {**good, "bad": ([40, 41], SamplingParams(max_tokens=4, temperature=0.5, seed=1), None)})
     assert got.pop("bad")[1:] == (["error"], "computing this request failed (RuntimeError)")
     assert got == expected

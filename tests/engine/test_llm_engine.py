@@ -68,8 +68,8 @@ def test_chunked_prefill_across_block_boundaries_equals_reference(family_pair, m
     monkeypatch.setattr(llm.engine.scheduler, "max_num_batched_tokens", budget)
     prompts, names = mixed_batch()
     steps = []
-    original = llm.engine.runner.run
-    monkeypatch.setattr(llm.engine.runner, "run", lambda batch: steps.append(sum(b.num_new_tokens for b in batch)) or original(batch))
+    original = llm.engine.runner.launch
+    monkeypatch.setattr(llm.engine.runner, "launch", lambda batch: steps.append(sum(b.num_new_tokens for b in batch)) or original(batch))
     assert_matches_reference(llm, ref, prompts[:6], names[:6])
     assert max(steps) <= budget
 

@@ -136,3 +136,18 @@ def test_lora_prefill_engine_equals_a_peft_only_oracle(real, adapters):
                     tokens.append(int(out.logits[0, -1].argmax()))
             expected.append(tokens)
     assert engine_greedy(llm, prompts, "lora-p", ADAPTER_TOKENS) == expected
+
+
+def test_async_scheduling_equals_sync_on_the_real_model(real):
+    """Asynchronous scheduling (on by default on CUDA) gives the tokens, stops and texts of synchronous steps."""
+    llm, _, prompts = real
+    params = SamplingParams(max_tokens=24, temperature=0.0)  # EOS ends some answers: stop checks land one step late
+    outs = {}
+    for mode in (True, False):
+        llm.engine.async_scheduling = mode
+        try:
+            outs[mode] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            llm.engine.async_scheduling = False
+    assert [(c.token_ids, c.finish_reason, c.text) for c in outs[True]] == [(c.token_ids, c.finish_reason, c.text) for c in outs[False]]
+    assert {c.finish_reason for c in outs[False]} == {"stop", "length"}, "both ways to end must occur, or half is untested"
