@@ -28,8 +28,8 @@ from preft.adapters import Adapter, LoraConfig, linear_shapes, load_adapter
 from preft.engine.lowrank import grouped_low_rank, segment_plan
 from preft.engine.parallel import shard_lora, shard_shapes
 from preft.engine.sequence import AdapterRef
-from preft.hf.generate import device_tensor
 from preft.errors import PreftError
+from preft.hf.generate import device_tensor
 
 
 class UnknownAdapterError(PreftError):
