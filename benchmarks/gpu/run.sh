@@ -57,18 +57,20 @@ if [ "$DRY_RUN" = 1 ]; then
   MODELS=(tiny)
   ADAPTERS=1,2
   BENCH_ARGS=(--num-requests 4 --prompt-len 8 --output-len 8 --max-num-seqs 4 --warmup-requests 1)
-  HOST_ARGS=(--batches 1,4 --mixed-decodes 3 --mixed-prefill 32 --steps 3 --warmup 1)
+  HOST_ARGS=(--batches 1,4 --mixed-decodes 3 --mixed-prefill 32 --steps 3 --warmup 1 --device-ms 3 --overlap-batch 4)
+  SYNC_ARGS=(--num-requests 4 --prompt-len 8 --output-len 8 --max-num-seqs 4 --warmup-requests 1)
   ROOF_MODEL=""
   ROOF_ARGS=(--adapters 1 --batch 4 --steps 3 --dtype float32)
-  LIMITS=(120 300 300 120 120)
+  LIMITS=(120 300 300 120 120 120)
 else
   MODELS=(qwen2.5-0.5b llama-3.1-8b)
   ADAPTERS=1,64,512
   BENCH_ARGS=(--num-requests 512 --prompt-len 128 --output-len 64 --max-num-seqs 256 --warmup-requests 16 --dtype bfloat16)
-  HOST_ARGS=(--steps 30 --warmup 5)
+  HOST_ARGS=(--steps 30 --warmup 5 --device-ms 3)
+  SYNC_ARGS=(--num-requests 256 --prompt-len 128 --output-len 64 --max-num-seqs 256 --warmup-requests 16 --dtype bfloat16)
   ROOF_MODEL=qwen2.5-0.5b
   ROOF_ARGS=(--adapters 1 64 --batch 256 --steps 10 --dtype bfloat16)
-  LIMITS=(110 100 200 50 60)  # 520 s in all, plus start-up
+  LIMITS=(110 100 170 50 60 40)  # 530 s in all, plus start-up
 fi
 
 # 1. CUDA tests (kernels against their PyTorch references, CUDA graphs); the server tests need FastAPI: not collected.
@@ -86,6 +88,10 @@ for model in "${MODELS[@]}"; do
     --num-adapters "$ADAPTERS" --device "$DEVICE" --peer off --output-dir "$OUT" "${BENCH_ARGS[@]}"
   i=$((i + 1))
 done
+
+# 2a. Asynchronous scheduling's share: the first model's base and LoRA-P at 64 adapters again, synchronous steps.
+step "bench-${MODELS[0]}-sync" "${LIMITS[5]}" $PY -m preft.cli bench --model "${MODELS[0]}" --modes base,lora-p \
+  --num-adapters 64 --device "$DEVICE" --peer off --no-async-scheduling --output-dir "$OUT/sync" "${SYNC_ARGS[@]}"
 
 # 2b. The paper's headline setting: the Llama-3.1-70B shape, tensor parallel over 4 GPUs (each rank draws its own shard's
 # random weights: no 140 GB checkpoint). Only where 4 GPUs are found; DRY_RUN checks the path with 2 CPU ranks on tiny.

@@ -9,9 +9,16 @@ Shapes: decode steps of 1, 64 and 256 sequences (half of them with prefill-polic
 eight with an ``all``-policy one, the rest base) and a mixed step of 255 decodes plus one 512-token
 prefill chunk. The breakdown comes from timers wrapped around the engine's own functions
 (``Scheduler.schedule``, ``ModelRunner.prepare``, ``model_runner.adapter_slots`` (inside ``prepare``: the
-per-token adapter slots), ``ModelRunner.run``): ``sample`` is the rest of ``run`` after the forward (logits
-rows, the sampler with its finiteness check), ``outputs`` the rest of the step (post-processing, stop
-checks, building the deltas, the hand-off to the server).
+per-token adapter slots), ``ModelRunner.launch`` and ``.collect``): ``sample`` is the rest of those after the
+forward (logits rows, the sampler with its finiteness check), ``outputs`` the rest of the step
+(post-processing, stop checks, building the deltas, the hand-off to the server).
+
+With ``--device-ms D`` it also measures what asynchronous scheduling buys: the stub's steps then take D ms
+on a simulated device (a step starts when it is launched and the device is free; ``collect`` waits until it
+has finished), and a decode batch runs with synchronous and with asynchronous scheduling. Synchronous
+steps take about host + D ms, asynchronous ones about max(host, D): the table gives both and the share of
+time the device is busy. The simulated device waits with ``time.sleep``, so this is an estimate of the
+overlap, not a GPU measurement.
 
 The machine this runs on is often shared, so a shape can run ``repeats`` times (a fresh engine each)
 and the report gives, besides the median and p90 of the wall time per step, its p10 and minimum (the
@@ -51,6 +58,8 @@ class HostOverheadConfig:
     repeats: int = 1  # fresh engines per shape, their steps pooled (on a shared machine: --repeats 3)
     device: str = "cpu"
     seed: int = 0
+    device_ms: float = 0.0  # > 0: also measure sync vs asynchronous scheduling against a simulated device of this step time
+    overlap_batch: int = 256
 
 
 class StubModel(torch.nn.Module):
@@ -199,11 +208,11 @@ class Steps:
 
 def _summarise(step: str, batch: int, steps: Steps) -> dict:
     ms = sorted(t * 1e3 for t in steps.wall)
-    # adapters run inside prepare; sample: the rest of ModelRunner.run after the (stubbed) forward: logits rows,
+    # adapters run inside prepare; sample: the rest of ModelRunner.launch and .collect after the (stubbed) forward: logits rows,
     # the sampler; outputs: the rest of the step after the runner: post-processing, stop checks, the deltas, the hand-off.
     per_step = []
     for t, s in zip(steps.wall, steps.stages):
-        run, prepare, adapters = s.get("run", 0.0), s.get("prepare", 0.0), s.get("adapters", 0.0)
+        run, prepare, adapters = s.get("launch", 0.0) + s.get("collect", 0.0), s.get("prepare", 0.0), s.get("adapters", 0.0)
         sample = max(0.0, run - prepare - s.get("forward", 0.0))
         outputs = max(0.0, t - s.get("schedule", 0.0) - run)
         per_step.append({"schedule": s.get("schedule", 0.0), "prepare": max(0.0, prepare - adapters), "adapters": adapters,
@@ -242,7 +251,8 @@ def _instrument(engine) -> StageTimers:
     timers.wrap(engine.scheduler, "schedule", "schedule")
     timers.wrap(engine.runner, "prepare", "prepare")
     timers.wrap(model_runner, "adapter_slots", "adapters")  # called inside prepare (StepBuffers.fill)
-    timers.wrap(engine.runner, "run", "run")
+    timers.wrap(engine.runner, "launch", "launch")
+    timers.wrap(engine.runner, "collect", "collect")
     timers.wrap(engine.runner.model, "forward", "forward")
     return timers
 
@@ -303,6 +313,54 @@ def measure_mixed(cfg: HostOverheadConfig, workdir: Path) -> Steps:
     return steps
 
 
+class SimulatedDevice:
+    """A device that runs each launched step for ``ms`` milliseconds, one after another: ``launch`` returns at
+    once (as a CUDA launch does) and ``collect`` waits until the step has finished on this device's clock."""
+
+    def __init__(self, runner, ms: float):
+        self.seconds, self.busy_until = ms / 1e3, 0.0
+        launch, collect = runner.launch, runner.collect
+
+        def simulated_launch(batch):
+            handle = launch(batch)
+            self.busy_until = max(time.perf_counter(), self.busy_until) + self.seconds
+            return handle, self.busy_until
+
+        def simulated_collect(launched):
+            handle, done = launched
+            wait = done - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            return collect(handle)
+
+        runner.launch, runner.collect = simulated_launch, simulated_collect
+
+
+def measure_overlap(cfg: HostOverheadConfig, workdir: Path) -> dict:
+    """Wall time per decode step of ``cfg.overlap_batch`` sequences on a ``cfg.device_ms`` simulated device, with
+    synchronous and with asynchronous scheduling (one engine each, the same requests)."""
+    batch, out = cfg.overlap_batch, {"step": "decode", "batch": cfg.overlap_batch, "device_ms": cfg.device_ms}
+    for mode in ("sync", "async"):
+        walls = []
+        for _ in range(cfg.repeats):
+            engine = _build_engine(cfg, workdir, max_seqs=batch, max_tokens_per_step=max(2048, batch * cfg.prompt_len))
+            _start_decoding(engine, batch, cfg, cfg.warmup + cfg.steps + 8, torch.Generator().manual_seed(cfg.seed))
+            engine.async_scheduling = mode == "async"
+            SimulatedDevice(engine.runner, cfg.device_ms)
+            for _ in range(cfg.warmup):
+                engine.step()
+            for _ in range(cfg.steps):
+                start = time.perf_counter()
+                _handoff(engine.step())
+                walls.append(time.perf_counter() - start)
+            assert len(engine.scheduler.running) == batch, f"decode batch shrank to {len(engine.scheduler.running)}"
+        ms = statistics.median(walls) * 1e3
+        out[f"{mode}_step_ms"] = ms
+        out[f"{mode}_device_busy"] = min(1.0, cfg.device_ms / ms)
+    out["speedup"] = out["sync_step_ms"] / out["async_step_ms"]
+    return out
+
+
 def run_host_overhead(cfg: HostOverheadConfig) -> dict:
     """Every shape of the module doc; returns ``{"results": [...], "environment": ...}``."""
     from tqdm.auto import tqdm
@@ -320,9 +378,13 @@ def run_host_overhead(cfg: HostOverheadConfig) -> dict:
                 for _ in range(cfg.repeats):
                     steps.extend(measure_decode(cfg, batch, Path(tmp)) if step == "decode" else measure_mixed(cfg, Path(tmp)))
                 results.append(_summarise(step, batch, steps))
+            overlap = [measure_overlap(cfg, Path(tmp))] if cfg.device_ms > 0 else []
     finally:
         torch.set_num_threads(threads)
-    return {"results": results, "environment": environment(torch.device(cfg.device)), "vocab": VOCAB, "config": cfg.__dict__}
+    report = {"results": results, "environment": environment(torch.device(cfg.device)), "vocab": VOCAB, "config": cfg.__dict__}
+    if overlap:
+        report["overlap"] = overlap
+    return report
 
 
 def _ms(row: dict, key: str, width: int = 7) -> str:
@@ -345,6 +407,12 @@ def format_table(report: dict) -> str:
             ratio = f"  -> {after['host_ms_median']:.3f} ms now ({r['host_ms_median'] / after['host_ms_median']:.2f}x)" if after else ""
             lows = f"{_ms(r, 'host_ms_p10')} {_ms(r, 'host_ms_min')} {_ms(r, 'cpu_ms_median')}"
             lines.append(f"{r['step']:>6} {r['batch']:>5} {r['host_ms_median']:9.3f} {r['host_ms_p90']:7.3f} {lows}{ratio}")
+    for r in report.get("overlap", []):
+        lines.append(
+            f"simulated device, {r['device_ms']:g} ms per step, decode {r['batch']}: synchronous {r['sync_step_ms']:.3f} ms per step "
+            f"(device busy {r['sync_device_busy']:.0%}), asynchronous {r['async_step_ms']:.3f} ms ({r['async_device_busy']:.0%}): "
+            f"{r['speedup']:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -357,7 +425,16 @@ def plot(report: dict, path: Path) -> None:
 
     rows = report["results"]
     labels = [f"{r['step']} {r['batch']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    overlap = report.get("overlap", [])
+    fig, axes = plt.subplots(1, 2 if overlap else 1, figsize=(11 if overlap else 7, 4), squeeze=False)
+    ax = axes[0, 0]
+    for r in overlap:  # right panel: step time with a simulated device, both scheduling modes
+        right = axes[0, 1]
+        right.bar(["synchronous", "asynchronous"], [r["sync_step_ms"], r["async_step_ms"]], color=["tab:gray", "tab:green"])
+        right.axhline(r["device_ms"], color="red", linestyle="--", label=f"device step ({r['device_ms']:g} ms)")
+        right.set_ylabel("ms per step (median)")
+        right.set_title(f"decode {r['batch']}, simulated device: {r['speedup']:.2f}x")
+        right.legend(fontsize=8)
     bottom = [0.0] * len(rows)
     for stage in STAGES:
         values = [r["breakdown_ms"][stage] for r in rows]
@@ -391,6 +468,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=d.repeats, help="fresh engines per shape (their steps are pooled)")
     parser.add_argument("--device", default=d.device, help="where the stub's tensors live (cpu: host work only)")
     parser.add_argument("--baseline", type=Path, default=None, help="a JSON from an earlier commit to show as 'before'")
+    parser.add_argument(
+        "--device-ms", type=float, default=d.device_ms,
+        help="also time sync vs asynchronous scheduling on a simulated device taking this many ms per step (0: skip)",
+    )  # fmt: skip
+    parser.add_argument("--overlap-batch", type=int, default=d.overlap_batch, help="decode batch of the --device-ms measurement")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -402,6 +484,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         repeats=args.repeats,
         device=args.device,
+        device_ms=args.device_ms,
+        overlap_batch=args.overlap_batch,
     )
     report = run_host_overhead(cfg)
     if args.baseline is not None:

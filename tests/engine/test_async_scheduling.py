@@ -223,3 +223,48 @@ def test_async_full_logprobs_equal_sync(family_pair):
     params = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=VOCAB)
     got, expected = generate_both(llm, prompts, params, [adapter_name("direft", "all", 4), None])
     assert_same(got, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_launch_never_waits_for_the_device(tiny_checkpoint):
+    """Overlap only happens if ``launch`` returns without syncing: no ``.item()``, no copy from pageable memory, no
+    data-dependent shape. Decode steps with prefill adapters, an `all` adapter, seeded sampling and logprobs."""
+    import warnings
+
+    llm = LLM(tiny_checkpoint("llama"), dtype="float32", device="cuda", block_size=16, max_adapter_slots=4, async_scheduling=True)
+    config = llm.engine.config
+    for name, policy in (("p", "prefill"), ("a", "all")):
+        llm.add_adapter(name, random_adapter(config, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], policy=policy), seed=1, std=0.1))
+    engine = llm.engine
+    params = [
+        SamplingParams(max_tokens=40, ignore_eos=True),
+        SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, top_k=50, seed=1, ignore_eos=True, logprobs=2),
+    ]
+    for i in range(8):
+        engine.add_request(str(i), [5 + i, 6, 7, 8, 9], params[i % 2], [None, "p", "a", None][i % 4])
+    for _ in range(4):  # prefill, then the first decodes (graphs, kernels warm)
+        engine.step()
+    launch = engine.runner.launch
+    syncs = []
+
+    def watched(batch):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                handle = launch(batch)
+            syncs.extend(str(w.message) for w in caught if "synchroniz" in str(w.message).lower())
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return handle
+
+    engine.runner.launch = watched
+    try:
+        for _ in range(10):
+            engine.step()
+    finally:
+        engine.runner.launch = launch
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not syncs, f"launch synchronised with the device: {syncs[:3]}"
