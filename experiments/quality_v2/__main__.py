@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
 def _render() -> None:
     from experiments.quality_v2 import render
 
+    from experiments.quality_v2.runner import locked
+
     try:
-        render.main([])
+        with locked(RUNS_FILE):  # another worker may be appending or rendering
+            render.main([])
     except Exception as e:  # rendering must never stop the study
         print(f"render failed: {e!r}", flush=True)
 

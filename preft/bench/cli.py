@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser,
         exclude={"seed"},  # --seed below seeds the workload and the adapters' weights
         defaults=dict(dtype=d.dtype, max_num_seqs=d.max_num_seqs, max_num_batched_tokens=d.max_num_batched_tokens, max_adapter_slots=None,
-                      max_cpu_adapters=None),
+                      max_cpu_adapters=None, max_lora_rank=None),
     )  # fmt: skip
     parser.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
     parser.add_argument("--cpu-threads", type=int, default=d.cpu_threads, help="torch threads when --device cpu (0: leave torch's default)")
@@ -73,7 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-ENGINE_ONLY_OPTIONS = ("max_cpu_adapters", "num_kv_blocks", "gpu_memory_utilization", "block_size", "max_model_len", "tensor_parallel_size")
+ENGINE_ONLY_OPTIONS = (
+    "max_cpu_adapters", "num_kv_blocks", "gpu_memory_utilization", "block_size", "max_model_len", "tensor_parallel_size",
+    "async_scheduling", "max_lora_rank",
+)  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -152,6 +155,7 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
         max_model_len=max_len,
         use_cuda_graphs=cfg.use_cuda_graphs,
         kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+        max_lora_rank=cfg.rank,  # what the benchmark's adapters use: the KV profile reserves exactly that
     ).replace(**cfg.engine_options)
     llm = LLM(engine_config)
     dtype = getattr(llm.engine, "dtype", build_dtype)

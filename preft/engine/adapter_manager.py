@@ -141,11 +141,15 @@ class AdapterManager:
         max_cpu_adapters: int = 64,
         max_cpu_adapter_bytes: int = 4 << 30,
         tensor_parallel: tuple[int, int] = (0, 1),
+        max_rank: int | None = None,
     ):
         """``tensor_parallel``: ``(rank, size)``; the slot stacks then hold this rank's shard of each LoRA
-        (``preft.engine.parallel.shard_lora``)."""
+        (``preft.engine.parallel.shard_lora``). ``max_rank``: adapters of a higher rank are refused (None: any)."""
         if max_adapter_slots < 1:
             raise PreftError(f"max_adapter_slots must be >= 1, got {max_adapter_slots}")
+        if max_rank is not None and max_rank < 1:
+            raise PreftError(f"max_lora_rank must be >= 1, got {max_rank}")
+        self.max_rank = max_rank
         self.model_config = model_config
         self.device, self.dtype = device, dtype
         self.num_slots = max_adapter_slots
@@ -204,6 +208,11 @@ class AdapterManager:
             raise PreftError(f"adapter {name!r} is already registered; remove it first or pick another name")
         prepared = source if isinstance(source, PreparedAdapter) else self.prepare(source, policy, path)
         adapter, path = prepared.adapter, prepared.path
+        if self.max_rank is not None and adapter.rank > self.max_rank:
+            raise PreftError(
+                f"adapter {name!r} has rank {adapter.rank} > --max-lora-rank {self.max_rank}; raise --max-lora-rank (max_lora_rank) "
+                "to serve it (the KV-cache profile reserves adapter slots of that rank)"
+            )
         info = AdapterInfo(name, adapter.kind, adapter.policy, adapter.rank, path)
         ref = AdapterRef(name, adapter.kind, adapter.policy, prepared.content_hash, adapter.positions())
         self.entries[name] = _Entry(info, ref, adapter if path is None else None)

@@ -45,6 +45,14 @@ class EngineConfig:
     )
     device: str | None = field(default=None, metadata=option("cuda, cuda:1, cpu (default: cuda if available)"))
     max_adapter_slots: int = field(default=8, metadata=option("adapters resident on the device at once", "--max-loras"))
+    max_lora_rank: int = field(
+        default=64,
+        metadata=option(
+            "the highest adapter rank (LoRA r, ReFT r) accepted, at start and on runtime loads; the KV-cache profile reserves "
+            "--max-loras adapter slots of this rank and the CUDA warm-up compiles the adapter kernels up to it (vLLM's default: 16)",
+            metavar="N",
+        ),
+    )
     max_cpu_adapters: int = field(default=64, metadata=option("adapters kept in host memory (LRU)", "--max-cpu-loras"))
     max_cpu_adapter_bytes: int | str = field(
         default="4GiB",

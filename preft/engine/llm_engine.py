@@ -36,7 +36,14 @@ from preft.engine.adapter_manager import AdapterInfo, AdapterManager, PreparedAd
 from preft.engine.block_manager import BlockManager
 from preft.engine.config import EngineConfig
 from preft.engine.guided import GuidedDecoding
-from preft.engine.memory import adapted_step, kv_cache_bytes, profile_adapters, profile_cuda_memory
+from preft.engine.memory import (
+    PROFILE_ADAPTER_RANK,
+    adapted_step,
+    kernel_warm_up_ranks,
+    kv_cache_bytes,
+    profile_adapters,
+    profile_cuda_memory,
+)
 from preft.engine.model import load_config, load_model
 from preft.engine.model_runner import ModelRunner, NonFiniteLogitsError, ScheduledSeq, kv_block_bytes
 from preft.engine.parallel import TensorParallel, TensorParallelError, check_tensor_parallel, load_sharded_model, local_forward
@@ -144,11 +151,11 @@ class LLMEngine:
         if num_kv_blocks is None:
             with local_forward(self.model):  # the profiled step runs on rank 0 alone
                 num_kv_blocks = self._default_num_blocks(
-                    gpu_memory_utilization, max_num_seqs, kv_budget, max_num_batched_tokens, max_adapter_slots
+                    gpu_memory_utilization, max_num_seqs, kv_budget, max_num_batched_tokens, max_adapter_slots, config.max_lora_rank
                 )
         self.adapters = AdapterManager(
             self.config, self.device, self.dtype, max_adapter_slots, max_cpu_adapters, parse_memory_size(config.max_cpu_adapter_bytes),
-            tensor_parallel=(0, tp),
+            tensor_parallel=(0, tp), max_rank=config.max_lora_rank,
         )  # fmt: skip
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
         self.runner = ModelRunner(
@@ -185,6 +192,7 @@ class LLMEngine:
         kv_cache_memory_bytes: int | None,
         max_num_batched_tokens: int = 2048,
         max_adapter_slots: int = 8,
+        max_lora_rank: int = PROFILE_ADAPTER_RANK,
     ) -> int:
         """KV blocks: ``kv_cache_memory_bytes`` worth when given; on CUDA what ``gpu_memory_utilization`` of the
         whole GPU leaves after the weights and a profiled worst-case step of ``max_num_batched_tokens`` tokens with
@@ -203,7 +211,7 @@ class LLMEngine:
             return budget // per_block
         if self.device.type == "cuda":
             profile = profile_cuda_memory(
-                self.model, max_num_batched_tokens, self.max_model_len, max_num_seqs, self.block_size, max_adapter_slots
+                self.model, max_num_batched_tokens, self.max_model_len, max_num_seqs, self.block_size, max_adapter_slots, max_lora_rank
             )
             blocks = kv_cache_bytes(profile, gpu_memory_utilization, min_bytes=per_block) // per_block
             logger.info(
@@ -230,15 +238,17 @@ class LLMEngine:
 
     def warm_up(self) -> None:
         """Compile and capture before the first request (``__init__`` runs it on CUDA): the Triton adapter kernels
-        for decode-sized (BGMV) and prefill-sized (SGMV) steps of a LoRA on every linear module and a DiReFT, then
-        one dummy base-model request (prefill and decode steps) through the engine. Leaves no request, KV block in
-        use, adapter or counter behind. CUDA graphs of `all`-policy adapter decode steps stay lazy: they depend on
-        the adapters' stack layout (``preft.engine.cuda_graphs``)."""
-        adapters = profile_adapters(self.model, self.adapters.num_slots)
-        with local_forward(self.model):  # compiles kernels on rank 0; the workers compile on their first steps
-            for num_tokens in (1, 256):  # a decode-sized step (BGMV) and one above the kernels' BGMV_MAX_TOKENS (SGMV)
-                adapted_step(self.model, num_tokens, num_tokens, 1, self.block_size, adapters)
-        del adapters
+        for decode-sized (BGMV) and prefill-sized (SGMV) steps of a LoRA on every linear module and a DiReFT, at every
+        rank tile up to ``max_lora_rank`` (``memory.kernel_warm_up_ranks``), then one dummy base-model request
+        (prefill and decode steps) through the engine. Leaves no request, KV block in use, adapter or counter
+        behind. CUDA graphs of `all`-policy adapter decode steps stay lazy: they depend on the adapters' stack
+        layout (``preft.engine.cuda_graphs``)."""
+        for rank in kernel_warm_up_ranks(self.engine_config.max_lora_rank):
+            adapters = profile_adapters(self.model, self.adapters.num_slots, rank)
+            with local_forward(self.model):  # compiles kernels on rank 0; the workers compile on their first steps
+                for num_tokens in (1, 256):  # a decode-sized step (BGMV) and one above the kernels' BGMV_MAX_TOKENS (SGMV)
+                    adapted_step(self.model, num_tokens, num_tokens, 1, self.block_size, adapters)
+            del adapters
         request_id = "preft-warm-up"
         self.add_request(request_id, list(range(self.block_size + 1)), SamplingParams(max_tokens=3, ignore_eos=True))
         while self.has_unfinished_requests():

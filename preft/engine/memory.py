@@ -2,8 +2,8 @@
 
 ``gpu_memory_utilization`` is the fraction of the *whole* GPU the engine may use. After the
 weights are loaded, one step of ``max_num_batched_tokens`` prompt tokens runs with every token
-adapted (a LoRA on every linear module and a DiReFT at every layer, ``PROFILE_ADAPTER_RANK``, in
-``max_adapter_slots`` slots, as the real adapter stacks would be) and attending to
+adapted (a LoRA on every linear module and a DiReFT at every layer, of the engine's ``max_lora_rank``,
+in ``max_adapter_slots`` slots: the largest the real adapter stacks can grow) and attending to
 ``max_model_len`` keys; its peak allocation is weights + activations + adapter stacks. The KV
 pool gets ``gpu_memory_utilization * total - peak - memory used outside PyTorch`` (CUDA context,
 libraries, other processes). ``kv_cache_bytes`` is the pure arithmetic, tested on CPU with fake
@@ -23,9 +23,10 @@ from preft.engine.model import CausalLM, sliding_window
 from preft.errors import PreftError
 from preft.tiny import random_adapter
 
-# The rank of the profiled adapters: vLLM's default --max-lora-rank. Adapters of a higher rank
-# widen the slot stacks beyond what the profile reserved (they then eat into the headroom).
+# The rank of the profiled adapters when none is given (vLLM's default --max-lora-rank); the engine
+# profiles at its own max_lora_rank, the highest rank it accepts, so the slot stacks never outgrow the profile.
 PROFILE_ADAPTER_RANK = 16
+KERNEL_RANK_BLOCKS = (16, 32, 64)  # the Triton adapter kernels' rank tiles (``kernels.grouped_low_rank``: one compile each)
 GiB = 1 << 30
 
 
@@ -119,14 +120,21 @@ def adapted_step(
 
 
 def profile_cuda_memory(
-    model: CausalLM, max_num_batched_tokens: int, max_model_len: int, max_num_seqs: int, block_size: int, max_adapter_slots: int
+    model: CausalLM,
+    max_num_batched_tokens: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    block_size: int,
+    max_adapter_slots: int,
+    max_lora_rank: int = PROFILE_ADAPTER_RANK,
 ) -> MemoryProfile:
-    """Run ``adapted_step`` at the engine's limits on the model's CUDA device and measure (see the module doc)."""
+    """Run ``adapted_step`` at the engine's limits on the model's CUDA device and measure (see the module doc); the
+    adapter slots are reserved at ``max_lora_rank``, the highest rank the engine accepts."""
     device = next(model.parameters()).device
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    adapters = profile_adapters(model, max_adapter_slots)
+    adapters = profile_adapters(model, max_adapter_slots, max_lora_rank)
     scratch = adapted_step(model, max_num_batched_tokens, max_model_len, max_num_seqs, block_size, adapters)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - scratch  # the scratch KV stands in for the pool, sized separately
@@ -135,3 +143,10 @@ def profile_cuda_memory(
     del adapters
     torch.cuda.empty_cache()
     return MemoryProfile(total=total, peak_allocated=peak, non_torch=non_torch, num_tokens=max_num_batched_tokens)
+
+
+def kernel_warm_up_ranks(max_lora_rank: int) -> list[int]:
+    """Adapter ranks whose steps compile every rank tile of the Triton kernels an engine accepting ``max_lora_rank``
+    can use (a rank above the largest tile runs that tile several times: no new compile)."""
+    tiles = [r for r in KERNEL_RANK_BLOCKS if r == KERNEL_RANK_BLOCKS[0] or r < 2 * max_lora_rank]
+    return [min(r, max_lora_rank) for r in tiles]  # rank 17 uses the 32 tile: no stack wider than the profile reserved

@@ -16,8 +16,10 @@ row, and the sampled ids (with the logprobs, when asked) come to the host in one
 Log-probabilities are the model's own: ``log_softmax`` of the logits before any of the above.
 
 Fault isolation: a row whose logits hold NaN or inf (e.g. a broken adapter) raises ``NonFiniteLogitsError``
-naming its sequences, before any logprob is recorded. The check is one row sum (NaN or inf anywhere makes
-it non-finite) whose flags ride in the same device-to-host copy as the sampled ids: no extra sync per step.
+naming its sequences, before any logprob is recorded. The check's per-row flags ride in the same device-to-host
+copy as the sampled ids (no extra sync per step): on CPU from one row sum (NaN or inf anywhere makes it
+non-finite; flagged rows are re-checked exactly), on CUDA from an exact ``isfinite`` pass, so that the logits
+need not outlive the launch (under asynchronous scheduling ``collect`` comes a step later).
 """
 
 from __future__ import annotations
@@ -129,8 +131,10 @@ class Sampler:
         The draws count the tokens a sequence has generated, including ``num_pending`` ones whose ids are still
         on their way (asynchronous scheduling: the step before this one has not been collected yet)."""
         raw = logits.float()
-        # A NaN or inf anywhere in a row makes its sum NaN or inf: one cheap reduction, not an isfinite over [B, V].
-        finite = torch.isfinite(raw.sum(-1))
+        if raw.is_cuda:  # exact per-row flags (one pass at memory speed); the logits are not kept until collect
+            finite, kept = torch.isfinite(raw).all(-1), None
+        else:  # a NaN or inf anywhere in a row makes its sum NaN or inf: one cheap reduction, not an isfinite over [B, V]
+            finite, kept = torch.isfinite(raw.sum(-1)), raw
         logits = raw if token_bitmask is None else apply_token_bitmask(raw, token_bitmask)
         params = [s.params for s in seqs]
         steps = [len(s.token_ids) + s.num_pending - s.num_prompt_tokens for s in seqs]  # tokens generated so far: the counter
@@ -149,7 +153,7 @@ class Sampler:
             packed, k = torch.stack([next_ids, finite.long()]), 0
         else:
             packed, k = pack_logprobs(raw, next_ids, asked, ks, finite)
-        return SampleHandle(seqs, raw, next_ids, to_host(packed), asked, ks, k)
+        return SampleHandle(seqs, kept, next_ids, to_host(packed), asked, ks, k)
 
     def collect(self, handle: SampleHandle) -> list[int]:
         """Wait for ``handle``'s copy; check it (``NonFiniteLogitsError``, ``SamplingError``); record logprobs; the ids."""
@@ -200,7 +204,7 @@ class SampleHandle:
 
     __slots__ = ("seqs", "raw", "next_ids", "host", "asked", "ks", "k")
 
-    def __init__(self, seqs: list[Sequence], raw: Tensor, next_ids: Tensor, host: HostCopy, asked: list[int], ks: list[int], k: int):
+    def __init__(self, seqs: list[Sequence], raw: Tensor | None, next_ids: Tensor, host: HostCopy, asked: list[int], ks: list[int], k: int):
         self.seqs, self.raw, self.next_ids, self.host, self.asked, self.ks, self.k = seqs, raw, next_ids, host, asked, ks, k
 
 
@@ -212,13 +216,14 @@ def greedy(logits: Tensor) -> Tensor:
     return logits.argmax(-1)
 
 
-def check_finite(row_sum_finite: list, raw: Tensor, seqs: list[Sequence]) -> None:
+def check_finite(row_sum_finite: list, raw: Tensor | None, seqs: list[Sequence]) -> None:
     """Raise ``NonFiniteLogitsError`` for the rows whose logits hold NaN or inf. A row sum can also overflow to
-    inf when every logit is finite but huge, so the rows it flags are checked element by element (rare: a sync)."""
+    inf when every logit is finite but huge, so the rows it flags are checked element by element (rare); ``raw``
+    is None when the flags are exact already (CUDA: the logits are not kept for an extra step)."""
     if all(row_sum_finite):
         return
     flagged = [i for i, ok in enumerate(row_sum_finite) if not ok]
-    exact = torch.isfinite(raw[flagged]).all(-1).tolist()
+    exact = [False] * len(flagged) if raw is None else torch.isfinite(raw[flagged]).all(-1).tolist()  # None: flags were exact
     bad = [seqs[i] for i, ok in zip(flagged, exact) if not ok]
     if bad:
         raise NonFiniteLogitsError(bad)

@@ -45,14 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help='vLLM\'s form of --adapter (give MODEL_DIR before it): each MODULE is NAME=PATH[:POLICY] or \'{"name": ..., "path": ..., "base_model_name": ..., "policy": ...}\'',
     )
-    lora.add_argument(
-        "--max-lora-rank",
-        type=int,
-        default=512,
-        metavar="N",
-        help="refuse adapters of rank above N, at start and on runtime loads (default 512; a huge rank widens every slot's "
-        "stacks); vLLM's default is 16",
-    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(

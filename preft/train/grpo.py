@@ -177,6 +177,7 @@ class GRPOTrainer(AdapterTrainer):
                 num_kv_blocks=rows * blocks_per_row + rows,
                 block_size=block_size,
                 max_num_seqs=rows,
+                max_lora_rank=max(1, cfg.r),
             )
             self._engine = LLM(engine_config)
         return self._engine

@@ -84,14 +84,14 @@ def test_cuda_pool_is_sized_from_the_profile(tiny_checkpoint, monkeypatch, caplo
     per_block = kv_block_bytes(engine.config, engine.block_size, torch.float32)
     profiled = []
 
-    def fake_profile(model, max_num_batched_tokens, max_model_len, max_num_seqs, block_size, max_adapter_slots):
-        profiled.append((max_num_batched_tokens, max_model_len, max_num_seqs, block_size, max_adapter_slots))
+    def fake_profile(model, max_num_batched_tokens, max_model_len, max_num_seqs, block_size, max_adapter_slots, max_lora_rank):
+        profiled.append((max_num_batched_tokens, max_model_len, max_num_seqs, block_size, max_adapter_slots, max_lora_rank))
         return MemoryProfile(total=1000 * per_block, peak_allocated=500 * per_block, non_torch=100 * per_block, num_tokens=128)
 
     monkeypatch.setattr(llm_engine, "profile_cuda_memory", fake_profile)
     engine.device = torch.device("cuda")  # only the sizing branch looks at it here
-    assert engine._default_num_blocks(0.9, 5, None, 128, 3) == 300
-    assert profiled == [(128, 64, 5, 16, 3)]
+    assert engine._default_num_blocks(0.9, 5, None, 128, 3, 32) == 300
+    assert profiled == [(128, 64, 5, 16, 3, 32)]  # adapter slots reserved at max_lora_rank
     with caplog.at_level(logging.WARNING):
         assert engine._default_num_blocks(0.601, 5, None, 128, 3) == 1  # one block: fewer tokens than max_model_len=64, said
     assert "holds 16 tokens, fewer than max_model_len=64" in caplog.text
@@ -124,3 +124,22 @@ def test_cpu_engine_does_not_warm_up(tiny_checkpoint, monkeypatch):
 
     monkeypatch.setattr(llm_engine.LLMEngine, "warm_up", fail)
     LLM(tiny_checkpoint("llama"), dtype="float32", device="cpu", num_kv_blocks=8)
+
+
+def test_adapters_above_max_lora_rank_are_refused_and_the_warm_up_covers_every_rank_tile(tiny_checkpoint):
+    from preft.adapters import LoraConfig
+    from preft.engine.memory import kernel_warm_up_ranks
+    from preft.tiny import random_adapter
+
+    llm = LLM(tiny_checkpoint("llama"), dtype="float32", device="cpu", block_size=4, num_kv_blocks=16, max_lora_rank=8)
+    config = llm.engine.config
+    llm.add_adapter("fits", random_adapter(config, LoraConfig(r=8, target_modules=["q_proj"]), seed=0))
+    with pytest.raises(PreftError, match=r"adapter 'wide' has rank 9 > --max-lora-rank 8"):
+        llm.add_adapter("wide", random_adapter(config, LoraConfig(r=9, target_modules=["q_proj"]), seed=0))
+    assert [a.name for a in llm.list_adapters()] == ["fits"]
+    # The Triton kernels tile the rank in 16, 32 or 64 (next power of two, clamped): a warm-up rank per tile used,
+    # never wider than max_lora_rank (the profile reserved that much).
+    assert kernel_warm_up_ranks(8) == [8]
+    assert kernel_warm_up_ranks(17) == [16, 17]
+    assert kernel_warm_up_ranks(64) == [16, 32, 64]
+    assert kernel_warm_up_ranks(512) == [16, 32, 64]

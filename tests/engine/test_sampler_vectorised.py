@@ -364,3 +364,22 @@ def test_non_finite_rows_raise_naming_only_their_sequences_and_huge_finite_rows_
     assert [s.request_id for s in failed.value.seqs] == ["r1", "r3"]
     assert all(not s.logprobs for s in seqs)  # nothing recorded for a step that failed
     assert Sampler()(logits[[0, 2]], [seqs[0], seqs[2]])[0] == int(logits[0].argmax())
+
+
+def test_exact_flags_need_no_logits_and_pending_tokens_count_for_the_draw():
+    from preft.engine.sampler import NonFiniteLogitsError, check_finite
+
+    seqs = make_seqs([dict(), dict(), dict()])
+    check_finite([1.0, 1.0, 1.0], None, seqs)  # nothing flagged: nothing to look at
+    with pytest.raises(NonFiniteLogitsError, match=r"\['r1'\]"):
+        check_finite([1.0, 0.0, 1.0], None, seqs)  # CUDA's exact flags: no logits kept to re-check
+    # A token still on its way (asynchronous scheduling) counts: the draw is the one of the next position.
+    logits = torch.zeros(8, 64)  # uniform: each draw is its own number's token
+    specs = [dict(temperature=1.0, seed=s) for s in range(8)]
+    pending = make_seqs(specs)
+    for seq in pending:
+        seq.num_pending = 1
+    known = make_seqs([dict(spec, output=[7]) for spec in specs])
+    drawn = Sampler()(logits, pending)
+    assert drawn == Sampler()(logits, known)
+    assert drawn != Sampler()(logits, make_seqs(specs)), "the draws of positions 0 and 1 must differ, or this proves nothing"

@@ -192,3 +192,18 @@ def test_both_plans_start_with_the_headline_runs():
     for name in ("cpu", "gpu"):
         first_trained = next(r for _, r in pending(PLANS[name](), {}) if r.trains)
         assert (first_trained.task, first_trained.arm, first_trained.seed) == ("A", "LoRA", 0)
+
+
+def test_two_workers_never_take_the_same_run_and_a_dead_workers_claim_is_taken_over(tmp_path):
+    from experiments.quality_v2.runner import claim, release
+
+    claims = tmp_path / "claims"
+    assert claim("A/LoRA/r16", claims) and claim("A/LoRA/r16", claims)  # this process: its own claim holds
+    other = tmp_path / "other"
+    (other).mkdir()
+    (other / "A_LoRA_r16.pid").write_text("1")  # pid 1 is alive: another worker's run
+    assert not claim("A/LoRA/r16", other)
+    (other / "A_LoRA_r16.pid").write_text(str(2**22 + 7))  # no such process: its worker died
+    assert claim("A/LoRA/r16", other) and (other / "A_LoRA_r16.pid").read_text() == str(__import__("os").getpid())
+    release("A/LoRA/r16", claims)
+    assert not (claims / "A_LoRA_r16.pid").exists()

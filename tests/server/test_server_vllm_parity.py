@@ -25,7 +25,7 @@ def parse(*argv: str) -> argparse.Namespace:
 def test_vllm_flags_are_aliases_of_preft_flags_and_defaults_are_unchanged():
     defaults = parse()
     assert (defaults.max_adapter_slots, defaults.max_cpu_adapters, defaults.enable_prefix_caching) == (8, 64, True)
-    assert (defaults.max_lora_rank, defaults.seed, defaults.tensor_parallel_size, defaults.lora_modules) == (512, None, 1, [])
+    assert (defaults.max_lora_rank, defaults.seed, defaults.tensor_parallel_size, defaults.lora_modules) == (64, None, 1, [])
     assert parse("--max-loras", "3").max_adapter_slots == 3 == parse("--max-adapter-slots", "3").max_adapter_slots
     assert parse("--max-cpu-loras", "5").max_cpu_adapters == 5 == parse("--max-cpu-adapters", "5").max_cpu_adapters
     assert parse("--enable-lora").enable_lora is True
