@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _render() -> None:
     from experiments.quality_v2 import render
-
     from experiments.quality_v2.runner import locked
 
     try:

@@ -14,8 +14,8 @@ import json
 import os
 import time
 import traceback
-from contextlib import contextmanager
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from experiments.quality_v2.plan import Plan, Run
