@@ -1,7 +1,8 @@
 """The PreFT quality study on the real base model (SmolLM2-135M-Instruct), run piece by piece.
 
     nohup nice -n 19 env OMP_NUM_THREADS=1 python -m experiments.quality_v2 --plan cpu --render \\
-        > experiments/results/quality_v2/run.log 2>&1 &     # run or resume; one JSON line per finished run
+        > experiments/results/quality_v2/run-1.log 2>&1 &   # run or resume; one JSON line per finished run
+                                                            # (one worker per free core: they claim runs)
     python -m experiments.quality_v2 --plan cpu --list      # what runs next
     python -m experiments.quality_v2.render                 # docs/quality.md and the plots from runs.jsonl
 

@@ -116,11 +116,12 @@ def status_section(plan: Plan, rows: dict[str, dict]) -> list[str]:
         "",
         f"**Partial results.** {len(rows)} runs finished ({wall:.1f} h of compute on a shared 2-core CPU, one thread per run); "
         f"{len(todo)} more are pending in the `{plan.name}` plan now (seed runs of an arm are added once its learning-rate sweep "
-        "has finished, so this count grows). Every cell below without runs says *not run yet*. Resume with",
+        "has finished, so this count grows). Every cell below without runs says *not run yet*. Resume with one worker per "
+        "free core (workers claim runs, so they never run the same one):",
         "",
         "```",
-        f"nohup nice -n 19 env OMP_NUM_THREADS=1 python -m experiments.quality_v2 --plan {plan.name} --render "
-        "> experiments/results/quality_v2/run.log 2>&1 &",
+        f"for i in 1 2; do nohup nice -n 19 env OMP_NUM_THREADS=1 python -m experiments.quality_v2 --plan {plan.name} --render "
+        "> experiments/results/quality_v2/run-$i.log 2>&1 & done",
         "python -m experiments.quality_v2.render      # this page and the plots, from experiments/results/quality_v2/runs.jsonl",
         "```",
         "",
