@@ -158,6 +158,7 @@ def _run_benchmark(cfg, peer, cache_dir, output_dir, peer_max_adapters, peer_req
         max_lora_rank=cfg.rank,  # what the benchmark's adapters use: the KV profile reserves exactly that
     ).replace(**cfg.engine_options)
     llm = LLM(engine_config)
+    cfg.engine_options["async_scheduling"] = llm.engine.async_scheduling  # as resolved (default: on for CUDA): in the JSON
     dtype = getattr(llm.engine, "dtype", build_dtype)
     results = run_sweep(cfg, llm, model_config, torch.finfo(dtype).bits // 8, device)
     if peer == "on" or (peer == "auto" and device.type == "cuda" and peft_available()):
