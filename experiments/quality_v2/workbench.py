@@ -132,7 +132,9 @@ class Workbench:
             result = trainer.train()
         finally:
             self.model.remove_adapter(ADAPTER)
-        return curves_of(result.metrics, ["loss", "reward", "completion_length"]), result.adapter_path
+        curves = curves_of(result.metrics, ["loss", "reward", "completions/mean_length", "reward_std"])
+        curves["completion_length"] = curves.pop("completions/mean_length")  # TRL's metric name, stored under a plain key
+        return curves, result.adapter_path
 
     # ---- evaluation ------------------------------------------------------------------------------
 
