@@ -181,8 +181,10 @@ class LLMEngine:
         if self.device.type == "cuda":  # nothing is compiled or captured lazily on CPU: no warm-up there
             self.warm_up()
             logger.info(
-                "warm-up in %.1f s: CUDA graphs for decode %s, Triton kernels compiled, one dummy request served",
-                time.perf_counter() - started, "captured" if self.use_cuda_graphs else "off",
+                "warm-up in %.1f s: CUDA graphs for decode %s, Triton kernels compiled (adapter ranks up to %d), one dummy "
+                "request served; asynchronous scheduling %s",
+                time.perf_counter() - started, "captured" if self.use_cuda_graphs else "off", config.max_lora_rank,
+                "on" if self.async_scheduling else "off",
             )  # fmt: skip
 
     def _default_num_blocks(

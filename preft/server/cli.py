@@ -200,6 +200,7 @@ def summary(state, args: argparse.Namespace) -> str:
         f"preft serve: model {state.model_name!r} from {state.model_dir}",
         f"  dtype {str(getattr(llm.engine, 'dtype', args.dtype)).replace('torch.', '')}, device {getattr(llm.engine, 'device', args.device or 'auto')}, context {state.max_model_len} tokens",
         f"  KV cache: {kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens; adapter slots {stats.get('adapter_slots_total', args.max_adapter_slots)}, host cache {args.max_cpu_adapters}",
+        f"  adapter ranks up to {args.max_lora_rank}; asynchronous scheduling {'on' if getattr(llm.engine, 'async_scheduling', False) else 'off'}",
     ]
     infos = sorted(state.engine_loop.adapters().values(), key=lambda i: i.name)
     lines.append(f"  adapters ({len(infos)}):" + ("" if infos else " none"))

@@ -35,6 +35,20 @@ def test_vllm_flags_are_aliases_of_preft_flags_and_defaults_are_unchanged():
     assert parse("--no-enable-prefix-caching").enable_prefix_caching is False
     assert parse("--no-prefix-caching").enable_prefix_caching is False
     assert parse("--enable-prefix-caching").enable_prefix_caching is True
+    assert parse().async_scheduling is None  # auto: on for CUDA with one rank
+    assert parse("--async-scheduling").async_scheduling is True and parse("--no-async-scheduling").async_scheduling is False
+
+
+def test_start_up_summary_names_the_rank_limit_and_the_scheduling_mode(tiny_model):
+    from preft.server.cli import summary
+
+    args = parse(str(tiny_model), "--device", "cpu", "--num-kv-blocks", "16", "--max-lora-rank", "8", "--async-scheduling")
+    state = build_state(args)
+    try:
+        assert state.engine_loop.llm.engine.async_scheduling is True  # asked for: honoured on CPU too
+        assert "adapter ranks up to 8; asynchronous scheduling on" in summary(state, args)
+    finally:
+        state.engine_loop.shutdown()
 
 
 def test_lora_modules_takes_name_path_items_and_the_json_form_with_optional_policy():
