@@ -268,3 +268,11 @@ def test_a_launch_never_waits_for_the_device(tiny_checkpoint):
     while engine.has_unfinished_requests():
         engine.step()
     assert not syncs, f"launch synchronised with the device: {syncs[:3]}"
+
+
+def test_asking_for_asynchronous_scheduling_with_tensor_parallel_is_an_error(tiny_checkpoint):
+    from preft.errors import PreftError
+
+    with pytest.raises(PreftError, match="async_scheduling needs tensor_parallel_size=1"):
+        LLM(tiny_checkpoint("llama"), dtype="float32", device="cpu", tensor_parallel_size=2, async_scheduling=True)
+    assert LLM(tiny_checkpoint("llama"), dtype="float32", device="cpu", num_kv_blocks=8).engine.async_scheduling is False  # CPU default
