@@ -390,8 +390,8 @@ class LLMEngine:
                 launch_error = e
         if prev is not None and not self._complete(prev, touched, later=launched):
             launched = None  # rolled back: its sequences are scheduled again
-        if launch_error is not None:
-            self._isolate([item for item in batch if not item.seq.is_finished], launch_error, touched)
+        if launch_error is not None:  # (collecting ``prev`` may have ended or, on its rollback, preempted some of them)
+            self._isolate([item for item in batch if item.seq.status is RUNNING], launch_error, touched)
         elif launched is not None:
             if launched.overlappable:
                 self.inflight = launched
