@@ -472,15 +472,27 @@ def plots(groups, out_dir: Path) -> list[str]:
             label=arm,
         )
         kls = [r["metrics"]["kl_by_position"] for r in cell.rows]
-        kl = np.mean([k[: min(map(len, kls))] for k in kls], axis=0)
+        counts = [r["metrics"].get("tokens_by_position") or [1] * len(k) for r, k in zip(cell.rows, kls)]
+        n = min(map(len, kls))
+        kl, count = np.mean([k[:n] for k in kls], axis=0), np.mean([c[:n] for c in counts], axis=0)
         if arm != "base":  # the base model's KL to itself is 0
-            axes[2].plot(np.arange(1, len(kl) + 1), kl, color=colors[arm], label=arm)
+            # Positions in doubling bins (1, 2, 3-4, 5-8, ...), each the token-weighted mean: few answers reach the far
+            # positions, so single positions there are noise.
+            edges = [e for e in (1, 2, 3, 5, 9, 17, 33, 65, 129, 257) if e <= n] + [n + 1]
+            bins = [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+            centres = [np.sqrt(a * (b - 1)) for a, b in bins]
+            means = [float(np.average(kl[a - 1 : b - 1], weights=count[a - 1 : b - 1] + 1e-12)) for a, b in bins]
+            axes[2].plot(centres, means, "o-", color=colors[arm], label=arm)
     axes[0].set(title="task B: NLL per output segment (95% CI)", xlabel="completion tokens", ylabel="nats/token")
     axes[1].set(title="task B: eval score by answer length (95% CI)", xlabel="reference answer tokens", ylabel="score", ylim=(-0.02, 1.02))
     for ax, labels in ((axes[0], list(SEGMENTS)), (axes[1], list(LENGTH_BUCKETS))):
         ax.set_xticks(range(3), labels)
     axes[2].set(
-        title="task B: KL(model || base) along the completion", xlabel="completion position", ylabel="nats", xscale="log", yscale="log"
+        title="task B: KL(model || base) along the completion",
+        xlabel="completion position (doubling bins)",
+        ylabel="nats/token",
+        xscale="log",
+        yscale="log",
     )
     for ax in axes:
         legend(ax)
