@@ -176,10 +176,11 @@ def cpu_plan() -> Plan:
         Stage("B: floor and system prompt, seed 0", "Q1/Q3", no_training("B", ["base", "system-prompt"], "B-free", (0,))),
         Stage("B: LoRA vs LoRA-P, r16", "Q1/Q3", sweep_then_seeds("B", lora, 16, LORA_LRS, b, "B-lora-r16")),
         Stage("B: floor and system prompt", "Q1/Q3", no_training("B", ["base", "system-prompt"], "B-free")),
-        Stage("A: DiReFT vs DiReFT-P, r16", "Q1", sweep_then_seeds("A", direft, 16, DIREFT_LRS, b, "A-direft-r16")),
-        Stage("A: LoRA vs LoRA-P, r4 and r64", "Q1", at_best_lr("A", lora, [4, 64], 16, LORA_LRS, b, "A-lora-ranks")),
+        # Q2 has no other data: GRPO goes ahead of the extra Q1 arms and ranks
         Stage("C: base model", "Q2", no_training("C", ["base"], "C-free")),
         Stage("C: GRPO LoRA vs LoRA-P, r16", "Q2", sweep_then_seeds("C", lora, 16, GRPO_LRS, b, "C-grpo-r16")),
+        Stage("A: DiReFT vs DiReFT-P, r16", "Q1", sweep_then_seeds("A", direft, 16, DIREFT_LRS, b, "A-direft-r16")),
+        Stage("A: LoRA vs LoRA-P, r4 and r64", "Q1", at_best_lr("A", lora, [4, 64], 16, LORA_LRS, b, "A-lora-ranks")),
     ]
     return Plan("cpu", b, stages, CPU_CUTS)
 
