@@ -98,7 +98,8 @@ def verdict_difference(diff: stats.Estimate | None, n_seeds: int, worse_is_claim
         return ("supported" if worse_is_claim else "not supported"), reason + "; the CI lies below 0"
     if diff.low > 0:
         return ("not supported" if worse_is_claim else "supported"), reason + "; the CI lies above 0"
-    return "inconclusive at this scale", reason + "; the CI includes 0"
+    bound = max(-diff.low, diff.high)
+    return "inconclusive at this scale", reason + f"; the CI includes 0 (and rules out a gap larger than {bound:.2f} either way)"
 
 
 def table(header: list[str], lines: list[list[str]]) -> list[str]:

@@ -207,3 +207,20 @@ def test_two_workers_never_take_the_same_run_and_a_dead_workers_claim_is_taken_o
     assert claim("A/LoRA/r16", other) and (other / "A_LoRA_r16.pid").read_text() == str(__import__("os").getpid())
     release("A/LoRA/r16", claims)
     assert not (claims / "A_LoRA_r16.pid").exists()
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "seeds", "expected"),
+    [
+        (-0.08, -0.02, 3, "supported"),  # CI below 0: the first arm is worse
+        (0.01, 0.05, 3, "not supported"),  # CI above 0: the first arm is better
+        (-0.05, 0.02, 3, "inconclusive at this scale"),
+        (-0.08, -0.02, 2, "inconclusive at this scale"),  # too few seeds, whatever the CI says
+    ],
+)
+def test_verdict_rules_for_a_paired_difference(low, high, seeds, expected):
+    verdict, why = render.verdict_difference(stats.Estimate((low + high) / 2, low, high, 256), seeds)
+    assert verdict == expected
+    assert f"{seeds} seed(s)" in why
+    if expected == "inconclusive at this scale" and seeds >= 3:
+        assert "rules out a gap larger than 0.05" in why  # the informative half of a null result
