@@ -14,6 +14,8 @@ PyTorch ``grouped_low_rank_reference`` (each adapter on its own tokens at its ow
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,17 @@ from preft.adapters.maths import direft_factors, loreft_factors
 from preft.errors import PreftError, UnknownTargetModuleError
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The name a transformers model's forward takes its KV cache under: ``cache`` from transformers 5.24
+    on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return _cache_argument(type(model))
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -366,6 +379,7 @@ class PreftModel(nn.Module):
         adapter_names: str | list[str | None] | None = None,
         past_key_values: Any = None,
         position_ids: Tensor | None = None,
+        cache: Any = None,
         **kwargs: Any,
     ) -> Any:
         """Run the model with adapters.
@@ -374,7 +388,11 @@ class PreftModel(nn.Module):
         the base model), or None (no adapter). ``adapter_mask [B, T_new]``: 1 where the row's
         adapter acts; when omitted, the policy rule of ``policy_mask`` applies.
         ``attention_mask`` covers past and new tokens (transformers' convention).
+        ``past_key_values`` and ``cache`` are the same KV cache (transformers >= 5.24 renamed it).
         """
+        if cache is not None and past_key_values is not None:
+            raise PreftError("pass the KV cache as past_key_values or cache, not both")
+        past_key_values = cache if cache is not None else past_key_values
         bsz, new_len = input_ids.shape
         row_adapter = self._row_adapters(adapter_names, bsz)
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -388,13 +406,9 @@ class PreftModel(nn.Module):
             # Left padding: positions count real tokens only, as in an unpadded forward.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -new_len:]
         self._batch.current = BatchAdapters(row_adapter, adapter_mask.float() * attention_mask[:, -new_len:].float())
-        return self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            **kwargs,
-        )
+        if past_key_values is not None:
+            kwargs[cache_argument(self.model)] = past_key_values
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
     def _row_adapters(self, adapter_names: str | list[str | None] | None, bsz: int) -> list[str | None]:
         if adapter_names is None or isinstance(adapter_names, str):

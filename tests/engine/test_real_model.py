@@ -119,20 +119,23 @@ def test_prefill_adapters_engine_greedy_equals_reference_generator(real, adapter
 def test_lora_prefill_engine_equals_a_peft_only_oracle(real, adapters):
     """PEFT alone, no preft code: adapter on for the prompt's forward, ``disable_adapter()`` for every decode step."""
     from peft import PeftModel
+    from transformers import DynamicCache
+
+    from preft.hf.model import cache_argument
 
     llm, hf, prompts = real
     prompts = prompts[1:4]
     peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), str(adapters["lora-p"])).eval()
     expected = []
+    cache_name = cache_argument(hf)  # "cache" from transformers 5.24 on, "past_key_values" before
     with torch.no_grad():
         for prompt in prompts:
-            out = peft_model(input_ids=torch.tensor([prompt]), use_cache=True)
+            past = DynamicCache(config=hf.config)  # filled in place by every forward
+            out = peft_model(input_ids=torch.tensor([prompt]), use_cache=True, **{cache_name: past})
             tokens = [int(out.logits[0, -1].argmax())]
-            past = out.past_key_values
             with peft_model.disable_adapter():
                 while len(tokens) < ADAPTER_TOKENS:
-                    out = peft_model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
-                    past = out.past_key_values
+                    out = peft_model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{cache_name: past})
                     tokens.append(int(out.logits[0, -1].argmax()))
             expected.append(tokens)
     assert engine_greedy(llm, prompts, "lora-p", ADAPTER_TOKENS) == expected

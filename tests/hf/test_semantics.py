@@ -145,3 +145,27 @@ def test_prompt_only_adapter_mask_ignores_padding(tiny_hf_model):
         ones = model(ids, attention_mask=attention, adapter_mask=torch.ones(2, 5), adapter_names="a").logits
         real = model(ids, attention_mask=attention, adapter_mask=attention.float(), adapter_names="a").logits
     torch.testing.assert_close(ones[:, 2:], real[:, 2:], atol=0, rtol=0)
+
+
+def test_kv_cache_is_accepted_under_either_name_without_a_deprecation_warning(tiny_hf_model):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``; PreftModel takes both
+    and hands the cache to the wrapped model under the name its version expects."""
+    import warnings
+
+    from preft.errors import PreftError
+
+    model = wrapped(tiny_hf_model("llama"), "lora", "prefill")
+    prompt, step = torch.tensor([PROMPTS[0]]), torch.tensor([[33]])
+    mask = torch.ones(1, prompt.shape[1] + 1, dtype=torch.long)
+    logits = []
+    for name in ("past_key_values", "cache"):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model(prompt, adapter_names="a", use_cache=True, **{name: cache})
+            logits.append(model(step, attention_mask=mask, adapter_names="a", use_cache=True, **{name: cache}).logits)
+        assert cache.get_seq_length() == prompt.shape[1] + 1  # the model really used the cache it was given
+        assert not [w for w in caught if "past_key_values" in str(w.message)], [str(w.message) for w in caught]
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    with pytest.raises(PreftError, match="not both"):
+        model(prompt, past_key_values=DynamicCache(config=model.config), cache=DynamicCache(config=model.config))
