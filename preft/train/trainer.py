@@ -118,7 +118,11 @@ def enable_gradient_checkpointing(model: PreftModel) -> None:
 
     if not getattr(model.model, "supports_gradient_checkpointing", False):
         raise PreftError(f"--gradient_checkpointing: {type(model.model).__name__} does not support gradient checkpointing")
-    model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base = model.model
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed it (the old name is deprecated)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for module in model.model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.training = True
