@@ -54,8 +54,18 @@ class Cell:
             values = values[[where(k) for k in kinds]]
         return stats.bootstrap_mean(values) if len(values) else None
 
+    def per_seed(self, key: str = "score") -> str:
+        """The mean score of each seed, e.g. ``0.46 / 0.40 / 0.45``: the seed-to-seed spread the CIs leave out."""
+        return " / ".join(f"{np.mean(v):.2f}" for v in self.items(key).values())
+
     def metric(self, key: str) -> list[float]:
         return [r["metrics"][key] for r in self.rows if isinstance(r["metrics"].get(key), float)]
+
+
+def seed_differences(first: Cell, second: Cell) -> str:
+    """``first - second`` per shared seed (mean over that seed's items): whether the sign holds seed by seed."""
+    a, b = first.items(), second.items()
+    return " / ".join(f"{np.mean(a[s]) - np.mean(b[s]):+.2f}" for s in sorted(set(a) & set(b)))
 
 
 def index(rows: dict[str, dict]) -> dict[tuple, list[dict]]:
@@ -148,19 +158,24 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
     name = {"A": "task A (personal facts)", "B": "task B (style without instruction)"}[task]
     kinds = {"A": [("one fact", lambda k: k == "one fact"), ("two facts", lambda k: k == "two facts")], "B": []}[task]
     extra = {"A": [], "B": ["style", "correct"]}[task]
-    header = ["arm", "rank", "lr", "seeds", "eval score [95% CI]"] + [k for k, _ in kinds] + extra + ["eval loss (nats/token)", "val score"]
+    header = (
+        ["arm", "rank", "lr", "seeds", "eval score [95% CI]", "per seed"]
+        + [k for k, _ in kinds]
+        + extra
+        + ["eval loss (nats/token)", "val score"]
+    )
     lines = []
     for arm in ["base", "system-prompt"] + TRAINED:
         for r in [0] if ARMS[arm][0] is None else RANKS:
             cell = chosen(groups, task, arm, r)
             if not cell.rows:
                 missing = NOT_RUN if plan.covers(task, arm, r) else NOT_PLANNED
-                lines.append([arm, str(r or "-"), "", "0", missing] + [""] * (len(kinds) + len(extra) + 2))
+                lines.append([arm, str(r or "-"), "", "0", missing] + [""] * (len(kinds) + len(extra) + 3))
                 continue
             loss = cell.metric("eval_loss")
             val = cell.metric("val_score")
             lines.append(
-                [arm, str(r or "-"), f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate())]
+                [arm, str(r or "-"), f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()), cell.per_seed()]
                 + [fmt(cell.estimate(where=w)) for _, w in kinds]
                 + [fmt(cell.estimate(k)) for k in extra]
                 + [f"{np.mean(loss):.3f}" if loss else "", f"{np.mean(val):.2f}" if val else ""]
@@ -172,7 +187,8 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
             cp, ca = chosen(groups, task, p, r), chosen(groups, task, a, r)
             d = stats.paired_difference(cp.items(), ca.items()) if cp.rows and ca.rows else None
             shared = len(set(cp.seeds) & set(ca.seeds))
-            diffs.append([f"{p} - {a}", str(r), fmt(d) if planned(plan, task, (p, r), (a, r)) else NOT_PLANNED, str(shared)])
+            shown = fmt(d) if planned(plan, task, (p, r), (a, r)) else NOT_PLANNED
+            diffs.append([f"{p} - {a}", str(r), shown, seed_differences(cp, ca), str(shared)])
             if r == 16 and not planned(plan, task, (p, r), (a, r)):
                 verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", NOT_PLANNED, ""))
             elif r == 16:
@@ -183,12 +199,12 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
         c = chosen(groups, task, arm, 16)
         d = stats.paired_difference(c.items(), sp.items()) if c.rows and sp.rows else None
         shared = len(set(c.seeds) & set(sp.seeds))
-        diffs.append([f"{arm} - system-prompt", "16", fmt(d), str(shared)])
+        diffs.append([f"{arm} - system-prompt", "16", fmt(d), seed_differences(c, sp), str(shared)])
         if arm == "LoRA-P":
             v, why = verdict_difference(d, shared, worse_is_claim=False)
             verdicts.append((f"{task}: LoRA-P (r16) beats the same information in the system prompt (Q3)", v, why))
     out += ["Paired differences of the eval score (same prompts, same users; CI over prompts, items averaged over shared seeds):", ""]
-    out += table(["difference", "rank", "mean [95% CI]", "shared seeds"], diffs) + [""]
+    out += table(["difference", "rank", "mean [95% CI]", "per seed", "shared seeds"], diffs) + [""]
     for p, a in PAIRS:
         if not planned(plan, task, (p, 4), (a, 4), (p, 64), (a, 64)):
             verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", NOT_PLANNED, ""))
@@ -260,11 +276,25 @@ def q2_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]
         r = 0 if arm == "base" else 16
         cell = chosen(groups, "C", arm, r)
         missing = NOT_RUN if plan.covers("C", arm, r) else NOT_PLANNED
-        lines.append([arm, f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()) if cell.rows else missing])
+        lines.append(
+            [arm, f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()) if cell.rows else missing, cell.per_seed()]
+        )
     out = ["### Q2, task C (GRPO on arithmetic word problems)", ""]
     out += ["Greedy accuracy on 256 held-out problems (templates and names never seen in training); the reward curves in the plot are "
             "the *sampled* training rollouts (temperature 1), a different quantity, plotted separately.", ""]  # fmt: skip
-    out += table(["arm", "lr", "seeds", "greedy eval accuracy [95% CI]"], lines) + [""]
+    out += table(["arm", "lr", "seeds", "greedy eval accuracy [95% CI]", "per seed"], lines) + [""]
+    base = chosen(groups, "C", "base", 0)
+    diffs, gains = [], {}
+    for first, second in [(p, a) for p, a in PAIRS] + [(arm, "base") for arm in TRAINED]:
+        c1, c2 = chosen(groups, "C", first, 16), (base if second == "base" else chosen(groups, "C", second, 16))
+        if not planned(plan, "C", (first, 16)) or (second != "base" and not planned(plan, "C", (second, 16))):
+            continue
+        d = stats.paired_difference(c1.items(), c2.items()) if c1.rows and c2.rows else None
+        if second == "base":
+            gains[first] = d
+        diffs.append([f"{first} - {second}", fmt(d), seed_differences(c1, c2), str(len(set(c1.seeds) & set(c2.seeds)))])
+    out += ["Paired differences of greedy eval accuracy (same problems; CI over problems, items averaged over shared seeds):", ""]
+    out += table(["difference", "mean [95% CI]", "per seed", "shared seeds"], diffs) + [""]
     verdicts = []
     for p, a in PAIRS:
         cp, ca = chosen(groups, "C", p, 16), chosen(groups, "C", a, 16)
@@ -277,8 +307,11 @@ def q2_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]
         d = stats.paired_difference(cp.items(), ca.items())
         n = len(set(cp.seeds) & set(ca.seeds))
         why = f"difference {d.fmt()} ({n} seeds, parity margin +-{PARITY_MARGIN})"
+        learned = any(g is not None and g.low > 0 for g in (gains.get(p), gains.get(a)))
         if n < 3:
             v = "inconclusive at this scale"
+        elif not learned:  # parity between two arms that learned nothing says nothing about PreFT
+            v, why = "inconclusive at this scale", why + "; neither arm beats the base model, so parity is trivial"
         elif -PARITY_MARGIN <= d.low and d.high <= PARITY_MARGIN:
             v = "supported"
         elif d.high < -PARITY_MARGIN or d.low > PARITY_MARGIN:
@@ -555,7 +588,7 @@ METHOD = """## Method
 - **Learning rate**: per arm a sweep of 3 values on seed 0, chosen on the validation split; then seeds 1 and 2 at
   that lr. **CIs**: 95% percentile bootstrap over eval prompts (10,000 resamples); differences are paired
   (every arm answers the same prompts; per-item values averaged over the seeds both arms share). The CIs cover
-  prompt sampling; with 3 seeds, seed-to-seed spread is shown separately (the loss bands), not folded in.
+  prompt sampling; with 3 seeds, seed-to-seed spread is shown separately (the *per seed* columns and the loss bands), not folded in.
 """
 
 APPENDIX = """## Appendix: the earlier toy study

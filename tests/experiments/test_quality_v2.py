@@ -224,3 +224,20 @@ def test_verdict_rules_for_a_paired_difference(low, high, seeds, expected):
     assert f"{seeds} seed(s)" in why
     if expected == "inconclusive at this scale" and seeds >= 3:
         assert "rules out a gap larger than 0.05" in why  # the informative half of a null result
+
+
+@pytest.mark.parametrize(("base_p", "expected"), [(0.1, "supported"), (0.6, "inconclusive at this scale")])
+def test_grpo_parity_counts_only_when_an_arm_learned_something(tmp_path, base_p, expected):
+    """LoRA and LoRA-P answer every problem alike (parity); that supports the claim only if GRPO beat the base model."""
+    rows = []
+    for s in range(3):
+        rows.append(_fake_row("C", "base", s, 0, 0.0, base_p, random.Random(100 + s)))
+        rows += [_fake_row("C", arm, s, 16, 1e-4, 0.6, random.Random(s)) for arm in ("LoRA", "LoRA-P")]
+    runs = tmp_path / "runs.jsonl"
+    runs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = tmp_path / "quality.md"
+    assert render.main(["--runs", str(runs), "--doc", str(doc), "--out", str(tmp_path / "plots")]) == 0
+    text = doc.read_text()
+    assert f"| C: GRPO LoRA-P reaches parity with LoRA | **{expected}** |" in text
+    assert ("parity is trivial" in text) == (expected != "supported")
+    assert "| LoRA-P - LoRA | 0.00 [0.00, 0.00] | +0.00 / +0.00 / +0.00 | 3 |" in text  # per-seed differences shown
