@@ -62,6 +62,15 @@ class Cell:
         return [r["metrics"][key] for r in self.rows if isinstance(r["metrics"].get(key), float)]
 
 
+REWARD_WINDOW = 5  # 16 sampled rollouts a step give a reward in steps of 1/16: the raw curve is mostly noise
+
+
+def running_mean(series: list[list[float]], window: int = REWARD_WINDOW) -> list[list[float]]:
+    """``[[step, value], ...]`` -> the trailing mean over the last ``window`` points (fewer at the start)."""
+    values = [v for _, v in series]
+    return [[step, float(np.mean(values[max(0, i + 1 - window) : i + 1]))] for i, (step, _) in enumerate(series)]
+
+
 def seed_differences(first: Cell, second: Cell) -> str:
     """``first - second`` per shared seed (mean over that seed's items): whether the sign holds seed by seed."""
     a, b = first.items(), second.items()
@@ -283,6 +292,17 @@ def q2_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]
     out += ["Greedy accuracy on 256 held-out problems (templates and names never seen in training); the reward curves in the plot are "
             "the *sampled* training rollouts (temperature 1), a different quantity, plotted separately.", ""]  # fmt: skip
     out += table(["arm", "lr", "seeds", "greedy eval accuracy [95% CI]", "per seed"], lines) + [""]
+    signal = []
+    for arm in TRAINED:
+        rewards = [v for r in chosen(groups, "C", arm, 16).rows for _, v in r["metrics"].get("train", {}).get("reward", [])]
+        if rewards:
+            signal.append(f"{arm} {np.mean(rewards):.3f} (zero on {np.mean(np.asarray(rewards) == 0):.0%} of steps)")
+    if signal:
+        out += [
+            "Mean sampled training reward: " + ", ".join(signal) + ". A step whose rollouts all score 0 has no GRPO advantage "
+            "and so no gradient: at this reward many rollout groups carry no signal, which limits what 20 steps can learn.",
+            "",
+        ]
     base = chosen(groups, "C", "base", 0)
     diffs, gains = [], {}
     for first, second in [(p, a) for p, a in PAIRS] + [(arm, "base") for arm in TRAINED]:
@@ -469,15 +489,35 @@ def plots(groups, out_dir: Path) -> list[str]:
         ax.set_xticks(RANKS, [str(r) for r in RANKS])
         legend(ax)
     save(fig, "rank.png")
-    # reward curves (sampled rollouts)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm in TRAINED:
-        cell = chosen(groups, "C", arm, 16)
-        series = [r["metrics"]["train"]["reward"] for r in cell.rows if r["metrics"].get("train", {}).get("reward")]
+    # reward curves (sampled rollouts), and the greedy eval accuracy they should lead to
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    labels, means, errs, cols = [], [], [[], []], []
+    for arm in ["base"] + TRAINED:
+        cell = chosen(groups, "C", arm, 0 if arm == "base" else 16)
+        series = [running_mean(r["metrics"]["train"]["reward"]) for r in cell.rows if r["metrics"].get("train", {}).get("reward")]
         if series:
-            band(ax, series, colors[arm], f"{arm} (lr {cell.lr:g}, {len(series)} seeds)", "-")
-    ax.set(title="task C: GRPO training reward (sampled rollouts, T=1)", xlabel="step", ylabel="mean reward")
+            band(ax, series, colors[arm], f"{arm} (lr {cell.lr:g}, {len(series)} seed{'s' * (len(series) > 1)})", "-")
+        e = cell.estimate() if cell.rows else None
+        if e is not None:
+            (
+                labels.append(arm),
+                means.append(e.mean),
+                errs[0].append(e.mean - e.low),
+                errs[1].append(e.high - e.mean),
+                cols.append(colors[arm]),
+            )
+    ax.set(
+        title=f"task C: GRPO training reward (sampled, T=1; mean of {REWARD_WINDOW} steps; band: seeds)",
+        xlabel="step",
+        ylabel="mean reward",
+    )
     legend(ax)
+    bars.bar(labels, means, yerr=errs, color=cols, capsize=4)
+    bars.set(
+        title="task C: greedy eval accuracy (95% CI)",
+        ylabel="accuracy",
+        ylim=(0, max([m + e for m, e in zip(means, errs[1])] + [0.1]) * 1.15),
+    )
     save(fig, "reward.png")
     # length map and KL curve
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
