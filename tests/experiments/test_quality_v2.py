@@ -241,3 +241,8 @@ def test_grpo_parity_counts_only_when_an_arm_learned_something(tmp_path, base_p,
     assert f"| C: GRPO LoRA-P reaches parity with LoRA | **{expected}** |" in text
     assert ("parity is trivial" in text) == (expected != "supported")
     assert "| LoRA-P - LoRA | 0.00 [0.00, 0.00] | +0.00 / +0.00 / +0.00 | 3 |" in text  # per-seed differences shown
+
+
+def test_reward_running_mean_is_trailing_and_keeps_the_steps():
+    series = [[1, 0.0], [2, 0.5], [3, 1.0], [4, 0.0]]
+    assert render.running_mean(series, window=2) == [[1, 0.0], [2, 0.25], [3, 0.75], [4, 0.5]]
