@@ -244,7 +244,7 @@ def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
 
 
 def sweep_section(groups) -> list[str]:
-    lines = []
+    lines, edges = [], []
     for (task, arm, r, lr), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2], kv[0][3])):
         if ARMS[arm][0] is None:
             continue
@@ -253,13 +253,17 @@ def sweep_section(groups) -> list[str]:
             continue
         m = seed0["metrics"]
         best = chosen(groups, task, arm, r).lr == lr
+        tried = sorted(k[3] for k in groups if k[:3] == (task, arm, r))
+        edge = best and len(tried) >= 3 and lr in (tried[0], tried[-1])
+        if edge:
+            edges.append(f"{task} {arm} r{r} ({lr:g})")
         val_loss = f"{m['val_loss']:.3f}" if isinstance(m.get("val_loss"), float) else "-"
         lines.append(
             [
                 task,
                 arm,
                 str(r),
-                f"{lr:g}" + (" (chosen)" if best else ""),
+                f"{lr:g}" + (" (chosen, at the edge)" if edge else " (chosen)" if best else ""),
                 f"{m['val_score']:.2f}",
                 val_loss,
                 f"{m['score']:.2f}",
@@ -276,6 +280,13 @@ def sweep_section(groups) -> list[str]:
         out
         + (table(["task", "arm", "rank", "lr", "val score", "val loss", "eval score", "wall min"], lines) if lines else [NOT_RUN])
         + [""]
+        + (
+            [f"Chosen at the edge of its sweep (a better lr may lie beyond it): {', '.join(edges)}.", ""]
+            if edges
+            else ["Every chosen lr lies inside its sweep.", ""]
+            if lines
+            else []
+        )
     )
 
 
