@@ -246,3 +246,12 @@ def test_grpo_parity_counts_only_when_an_arm_learned_something(tmp_path, base_p,
 def test_reward_running_mean_is_trailing_and_keeps_the_steps():
     series = [[1, 0.0], [2, 0.5], [3, 1.0], [4, 0.0]]
     assert render.running_mean(series, window=2) == [[1, 0.0], [2, 0.25], [3, 0.75], [4, 0.5]]
+
+
+@pytest.mark.parametrize(("best_lr", "edge"), [(3e-3, True), (1e-3, False)])
+def test_sweep_table_flags_an_lr_chosen_at_the_edge_of_its_sweep(best_lr, edge):
+    rng = random.Random(0)
+    rows = [_fake_row("A", "LoRA", 0, 16, lr, 0.9 if lr == best_lr else 0.5, rng) for lr in (3e-4, 1e-3, 3e-3)]
+    text = "\n".join(render.sweep_section(render.index({r["run_id"]: r for r in rows})))
+    assert (f"| {best_lr:g} (chosen, at the edge) |" in text) == edge
+    assert ("Every chosen lr lies inside its sweep." in text) == (not edge)
