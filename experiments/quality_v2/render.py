@@ -212,7 +212,7 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
         if arm == "LoRA-P":
             v, why = verdict_difference(d, shared, worse_is_claim=False)
             verdicts.append((f"{task}: LoRA-P (r16) beats the same information in the system prompt (Q3)", v, why))
-    out += ["Paired differences of the eval score (same prompts, same users; CI over prompts, items averaged over shared seeds):", ""]
+    out += ["Paired differences of the eval score (same prompts, same users; CI over shared seeds and prompts):", ""]
     out += table(["difference", "rank", "mean [95% CI]", "per seed", "shared seeds"], diffs) + [""]
     for p, a in PAIRS:
         if not planned(plan, task, (p, 4), (a, 4), (p, 64), (a, 64)):
@@ -324,7 +324,7 @@ def q2_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]
         if second == "base":
             gains[first] = d
         diffs.append([f"{first} - {second}", fmt(d), seed_differences(c1, c2), str(len(set(c1.seeds) & set(c2.seeds)))])
-    out += ["Paired differences of greedy eval accuracy (same problems; CI over problems, items averaged over shared seeds):", ""]
+    out += ["Paired differences of greedy eval accuracy (same problems; CI over shared seeds and problems):", ""]
     out += table(["difference", "mean [95% CI]", "per seed", "shared seeds"], diffs) + [""]
     verdicts = []
     for p, a in PAIRS:
@@ -637,9 +637,12 @@ METHOD = """## Method
   - Train, validation and eval are disjoint by construction and asserted (`tasks.check_disjoint`: no held-out
     prompt occurs in training, and no training prompt is an instance of a held-out template).
 - **Learning rate**: per arm a sweep of 3 values on seed 0, chosen on the validation split; then seeds 1 and 2 at
-  that lr. **CIs**: 95% percentile bootstrap over eval prompts (10,000 resamples); differences are paired
-  (every arm answers the same prompts; per-item values averaged over the seeds both arms share). The CIs cover
-  prompt sampling; with 3 seeds, seed-to-seed spread is shown separately (the *per seed* columns and the loss bands), not folded in.
+  that lr. **CIs**: 95% percentile bootstrap (10,000 resamples). A difference between arms is paired (every arm
+  answers the same prompts) and two-level: each resample draws the seeds both arms share, then the prompts, so its
+  CI covers training noise as well as prompt sampling; the verdicts rest on these. A single arm's CI, the rank
+  change and the per-segment NLL gaps resample prompts only (items averaged over seeds); the *per seed* columns
+  and the loss bands show the seed-to-seed spread. With 3 seeds the seed level is coarse: read the per-seed
+  columns too.
 """
 
 APPENDIX = """## Appendix: the earlier toy study

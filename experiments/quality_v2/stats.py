@@ -2,7 +2,8 @@
 
 Arms are paired: every arm answers the same eval prompts (per seed), so a difference between
 two arms is bootstrapped over the per-item differences, which cancels the prompts' difficulty.
-With several seeds, each item's value is first averaged over the seeds both arms share.
+With several seeds, a difference resamples the seeds both arms share as well as the items, so its
+interval also covers training noise; a single arm's estimate averages each item over its seeds.
 """
 
 from __future__ import annotations
@@ -49,12 +50,26 @@ def item_means(per_seed: dict[int, list[float]], seeds: list[int] | None = None)
     return np.mean([per_seed[s] for s in seeds], axis=0)
 
 
-def paired_difference(a: dict[int, list[float]], b: dict[int, list[float]], seed: int = 0) -> Estimate | None:
-    """``a - b`` over the items and seeds both arms have, or None when they share no seed."""
+def paired_difference(a: dict[int, list[float]], b: dict[int, list[float]], seed: int = 0, confidence: float = 0.95) -> Estimate | None:
+    """``a - b`` over the items and seeds both arms have, or None when they share no seed.
+
+    Two-level bootstrap: each resample draws the shared seeds with replacement, then the items, so the
+    interval covers seed-to-seed variation (training noise) as well as prompt sampling. With one shared
+    seed it is the plain bootstrap over items.
+    """
     shared = sorted(set(a) & set(b))
     if not shared:
         return None
-    return bootstrap_mean(item_means(a, shared) - item_means(b, shared), seed)
+    d = np.asarray([a[s] for s in shared], dtype=np.float64) - np.asarray([b[s] for s in shared], dtype=np.float64)
+    if len(shared) == 1:
+        return bootstrap_mean(d[0], seed, confidence)
+    rng = np.random.default_rng(seed)
+    k, n = d.shape
+    per_item = d[rng.integers(0, k, size=(N_RESAMPLES, k))].mean(axis=1)  # [R, n]: seeds resampled
+    means = np.take_along_axis(per_item, rng.integers(0, n, size=(N_RESAMPLES, n)), axis=1).mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return Estimate(float(d.mean()), float(low), float(high), int(n))
 
 
 def bootstrap_ratio(numerators, denominators, seed: int = 0, confidence: float = 0.95) -> Estimate | None:

@@ -97,6 +97,20 @@ def test_paired_difference_cancels_item_difficulty():
     assert stats.paired_difference(a, {1: list(difficulty)}) is None  # no shared seed
 
 
+def test_paired_difference_interval_covers_seed_to_seed_noise():
+    """Seeds that disagree in sign (+0.14 / -0.14 / +0.14, as a collapsed GRPO run gives) must widen the interval
+    well beyond what the items alone would give; seeds that agree leave it narrow."""
+    rng = np.random.default_rng(1)
+    base = rng.random(256)
+    agree = {s: list(base + 0.05) for s in range(3)}
+    split = {s: list(base + shift) for s, shift in enumerate([0.14, -0.14, 0.14])}
+    ref = {s: list(base) for s in range(3)}
+    narrow, wide = stats.paired_difference(agree, ref), stats.paired_difference(split, ref)
+    assert narrow.high - narrow.low < 1e-9 and abs(narrow.mean - 0.05) < 1e-9
+    assert wide.low < -0.1 and wide.high > 0.1  # an items-only CI of the seed-averaged difference would be a point
+    assert stats.paired_difference(split, ref) == wide  # seeded
+
+
 def test_bootstrap_ratio_is_a_per_token_mean():
     e = stats.bootstrap_ratio([2.0, 6.0, 0.0], [1, 3, 0])
     assert e.mean == 2.0 and e.n == 2
