@@ -342,7 +342,10 @@ def q2_section(groups, plan: Plan) -> tuple[list[str], list[tuple[str, str, str]
         if n < 3:
             v = "inconclusive at this scale"
         elif not learned:  # parity between two arms that learned nothing says nothing about PreFT
-            v, why = "inconclusive at this scale", why + "; neither arm beats the base model, so parity is trivial"
+            v, why = (
+                "inconclusive at this scale",
+                why + "; neither arm's gain over the base model is established (its CI includes 0), so parity says nothing yet",
+            )
         elif -PARITY_MARGIN <= d.low and d.high <= PARITY_MARGIN:
             v = "supported"
         elif d.high < -PARITY_MARGIN or d.low > PARITY_MARGIN:
