@@ -106,11 +106,14 @@ def fmt(e: stats.Estimate | None, digits: int = 2) -> str:
     return NOT_RUN if e is None else e.fmt(digits)
 
 
-def verdict_difference(diff: stats.Estimate | None, n_seeds: int, worse_is_claim: bool = True) -> tuple[str, str]:
-    """(verdict, reason) for the claim "the first arm is worse than the second" (or "better", when not ``worse_is_claim``)."""
+def verdict_difference(diff: stats.Estimate | None, n_seeds: int, worse_is_claim: bool = True, digits: int = 2) -> tuple[str, str]:
+    """(verdict, reason) for the claim "the first arm is worse than the second" (or "better", when not ``worse_is_claim``).
+
+    For a loss difference (higher is worse) pass ``worse_is_claim=False``: "supported" then means the CI lies above 0.
+    """
     if diff is None:
         return "not run yet", "the runs this claim needs have not finished"
-    reason = f"difference {diff.fmt()} over {diff.n} paired prompts, {n_seeds} seed(s)"
+    reason = f"difference {diff.fmt(digits)} over {diff.n} paired prompts, {n_seeds} seed(s)"
     if n_seeds < 3:
         return "inconclusive at this scale", reason + "; fewer than 3 seeds"
     if diff.high < 0:
@@ -118,7 +121,7 @@ def verdict_difference(diff: stats.Estimate | None, n_seeds: int, worse_is_claim
     if diff.low > 0:
         return ("not supported" if worse_is_claim else "supported"), reason + "; the CI lies above 0"
     bound = max(-diff.low, diff.high)
-    return "inconclusive at this scale", reason + f"; the CI includes 0 (and rules out a gap larger than {bound:.2f} either way)"
+    return "inconclusive at this scale", reason + f"; the CI includes 0 (and rules out a gap larger than {bound:.{digits}f} either way)"
 
 
 def table(header: list[str], lines: list[list[str]]) -> list[str]:
@@ -173,6 +176,7 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
         + extra
         + ["eval loss (nats/token)", "val score"]
     )
+    n_loss = loss_prompts(groups, task)
     lines = []
     for arm in ["base", "system-prompt"] + TRAINED:
         for r in [0] if ARMS[arm][0] is None else RANKS:
@@ -187,33 +191,68 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
                 [arm, str(r or "-"), f"{cell.lr:g}" if cell.lr else "-", str(len(cell.seeds)), fmt(cell.estimate()), cell.per_seed()]
                 + [fmt(cell.estimate(where=w)) for _, w in kinds]
                 + [fmt(cell.estimate(k)) for k in extra]
-                + [f"{np.mean(loss):.3f}" if loss else "", f"{np.mean(val):.2f}" if val else ""]
+                + [loss_estimate(cell, n_loss) or (f"{np.mean(loss):.3f}" if loss else ""), f"{np.mean(val):.2f}" if val else ""]
             )
     out = [f"### Q1, {name}", ""] + table(header, lines) + [""]
+    if n_loss:
+        out += [
+            f"The eval loss is teacher-forced on the reference answers of the first {n_loss} eval prompts (per-token mean, CI over prompts).",
+            "",
+        ]
+    else:
+        out += [
+            "The eval loss is the teacher-forced loss on the reference answers of every eval prompt; these runs kept its mean only, so it has no CI.",
+            "",
+        ]
     diffs, verdicts = [], []
+
+    def difference(label: str, rank: str, cp: Cell, ca: Cell, is_planned: bool) -> stats.Estimate | None:
+        d = stats.paired_difference(cp.items(), ca.items()) if cp.rows and ca.rows else None
+        shared = str(len(set(cp.seeds) & set(ca.seeds)))
+        if not is_planned:
+            diffs.append([label, rank, NOT_PLANNED, "", "", "", shared])
+        else:
+            loss = loss_gap(cp, ca)
+            loss_text = fmt(loss, 3) if loss is not None or not (cp.rows and ca.rows) else "no CI (per-run loss only)"
+            diffs.append([label, rank, fmt(d), seed_differences(cp, ca), loss_text, seed_loss_differences(cp, ca), shared])
+        return d
+
+    loss_verdicts = []
     for r in RANKS:
         for p, a in PAIRS:
             cp, ca = chosen(groups, task, p, r), chosen(groups, task, a, r)
-            d = stats.paired_difference(cp.items(), ca.items()) if cp.rows and ca.rows else None
+            is_planned = planned(plan, task, (p, r), (a, r))
+            d = difference(f"{p} - {a}", str(r), cp, ca, is_planned)
             shared = len(set(cp.seeds) & set(ca.seeds))
-            shown = fmt(d) if planned(plan, task, (p, r), (a, r)) else NOT_PLANNED
-            diffs.append([f"{p} - {a}", str(r), shown, seed_differences(cp, ca), str(shared)])
-            if r == 16 and not planned(plan, task, (p, r), (a, r)):
+            if r != 16:
+                continue
+            if not is_planned:
                 verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", NOT_PLANNED, ""))
-            elif r == 16:
-                v, why = verdict_difference(d, shared)
-                verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", v, why))
+                loss_verdicts.append((f"{task}: {p}'s eval loss is higher than {a}'s at rank {r}", NOT_PLANNED, ""))
+                continue
+            verdicts.append((f"{task}: {p} is worse than {a} at rank {r} (score)", *verdict_difference(d, shared)))
+            loss_verdicts.append((f"{task}: {p}'s eval loss is higher than {a}'s at rank {r}", *loss_verdict(cp, ca)))
+    for p, a in PAIRS:  # does the prefill-only arm at a high rank match the all-token arm at a low one?
+        difference(
+            f"{p} r64 - {a} r4", "64 vs 4", chosen(groups, task, p, 64), chosen(groups, task, a, 4), planned(plan, task, (p, 64), (a, 4))
+        )
+    verdicts += loss_verdicts
     sp = chosen(groups, task, "system-prompt", 0)
     for arm in ("LoRA-P", "LoRA"):
         c = chosen(groups, task, arm, 16)
-        d = stats.paired_difference(c.items(), sp.items()) if c.rows and sp.rows else None
-        shared = len(set(c.seeds) & set(sp.seeds))
-        diffs.append([f"{arm} - system-prompt", "16", fmt(d), seed_differences(c, sp), str(shared)])
+        d = difference(f"{arm} - system-prompt", "16", c, sp, True)
         if arm == "LoRA-P":
-            v, why = verdict_difference(d, shared, worse_is_claim=False)
+            v, why = verdict_difference(d, len(set(c.seeds) & set(sp.seeds)), worse_is_claim=False)
             verdicts.append((f"{task}: LoRA-P (r16) beats the same information in the system prompt (Q3)", v, why))
-    out += ["Paired differences of the eval score (same prompts, same users; CI over shared seeds and prompts):", ""]
-    out += table(["difference", "rank", "mean [95% CI]", "per seed", "shared seeds"], diffs) + [""]
+    out += [
+        "Paired differences (same prompts, same users; CI over shared seeds and prompts) of the eval score and of the "
+        "teacher-forced eval loss on the reference answers (nats/token; higher is worse"
+        + ("; task B's over the first 128 eval prompts on the CPU plan" if task == "B" else "")
+        + "):",
+        "",
+    ]
+    header = ["difference", "rank", "score [95% CI]", "score per seed", "eval loss [95% CI]", "eval loss per seed", "shared seeds"]
+    out += table(header, diffs) + [""]
     for p, a in PAIRS:
         if not planned(plan, task, (p, 4), (a, 4), (p, 64), (a, 64)):
             verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", NOT_PLANNED, ""))
@@ -224,22 +263,35 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
 
 
 def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
+    """Does the ``p - a`` score gap shrink from rank 4 to rank 64? Needs a gap at rank 4 to close.
+
+    The change of the gap is bootstrapped at two levels like every difference: the seeds both ranks and
+    arms share (the same seed is the same user and data), then the prompts.
+    """
     cells = {r: (chosen(groups, task, p, r), chosen(groups, task, a, r)) for r in (4, 64)}
     if not all(cp.rows and ca.rows for cp, ca in cells.values()):
         return "not run yet", f"needs {p} and {a} at ranks 4 and 64"
+    shared = sorted(set.intersection(*(set(c.seeds) for pair in cells.values() for c in pair)))
+    if not shared:
+        return "not run yet", f"{p} and {a} share no seed at ranks 4 and 64"
     gaps = {}
     for r, (cp, ca) in cells.items():
-        shared = sorted(set(cp.seeds) & set(ca.seeds))
-        gaps[r] = stats.item_means(cp.items(), shared) - stats.item_means(ca.items(), shared)
-    change = stats.bootstrap_mean(gaps[64] - gaps[4])
-    n = min(len(cp.seeds) for cp, _ in cells.values())
-    why = f"gap r4 {stats.bootstrap_mean(gaps[4]).fmt()}, r64 {stats.bootstrap_mean(gaps[64]).fmt()}, change {change.fmt()}"
-    if n < 3:
+        scores_p, scores_a = cp.items(), ca.items()
+        gaps[r] = {s: np.asarray(scores_p[s], dtype=float) - np.asarray(scores_a[s], dtype=float) for s in shared}
+    gap4, gap64 = stats.two_level_mean(gaps[4]), stats.two_level_mean(gaps[64])
+    change = stats.paired_difference(gaps[64], gaps[4])
+    why = f"gap r4 {gap4.fmt()}, r64 {gap64.fmt()}, change {change.fmt()} ({len(shared)} seed(s))"
+    if len(shared) < 3:
         return "inconclusive at this scale", why + "; fewer than 3 seeds"
+    if gap4.high >= 0:
+        return (
+            "inconclusive at this scale",
+            why + f"; {p} is not established as worse at rank 4 (CI includes 0), so there is no gap to close",
+        )
     if change.low > 0:
         return "supported", why + "; the gap shrinks (CI of the change above 0)"
     if change.high < 0:
-        return "not supported", why + "; the gap grows"
+        return "not supported", why + "; the gap grows (CI of the change below 0)"
     return "inconclusive at this scale", why + "; the CI of the change includes 0"
 
 
@@ -424,12 +476,84 @@ def segment_sums(cell: Cell, segment: str, key: str, seeds: list[int] | None = N
 
 
 def segment_gap(cp: Cell, ca: Cell, segment: str) -> stats.Estimate | None:
+    """``cp - ca`` NLL per token in one output segment, over shared seeds and prompts (two-level)."""
     shared = sorted(set(cp.seeds) & set(ca.seeds))
     if not shared:
         return None
-    np_, den = segment_sums(cp, segment, "nll", shared)
-    na, _ = segment_sums(ca, segment, "nll", shared)
-    return stats.bootstrap_ratio(np_ - na, den)
+    seg_p = {r["seed"]: r["metrics"]["segments"][segment] for r in cp.rows}
+    seg_a = {r["seed"]: r["metrics"]["segments"][segment] for r in ca.rows}
+    diff = {s: np.asarray(seg_p[s]["nll"], dtype=float) - np.asarray(seg_a[s]["nll"], dtype=float) for s in shared}
+    return stats.two_level_ratio(diff, {s: seg_p[s]["tokens"] for s in shared})
+
+
+def loss_items(cell: Cell) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]] | None:
+    """Per seed, each eval prompt's summed NLL and token count, or None where runs kept only the mean.
+
+    Task A records them as ``eval_nll``; task B's length segments (which cover its whole answers) add up to them.
+    """
+    if cell.rows and all("eval_nll" in r["metrics"] for r in cell.rows):
+        return (
+            {r["seed"]: np.asarray(r["metrics"]["eval_nll"]["nll"], dtype=float) for r in cell.rows},
+            {r["seed"]: np.asarray(r["metrics"]["eval_nll"]["tokens"], dtype=float) for r in cell.rows},
+        )
+    if cell.rows and all("segments" in r["metrics"] for r in cell.rows):
+        return tuple(
+            {r["seed"]: np.sum([r["metrics"]["segments"][g][key] for g in SEGMENTS], axis=0).astype(float) for r in cell.rows}
+            for key in ("nll", "tokens")
+        )  # type: ignore[return-value]
+    return None
+
+
+def loss_prompts(groups, task: str) -> int | None:
+    """How many eval prompts every run of ``task`` with per-prompt losses has them for (the same first prompts in all)."""
+    sizes = [len(loss_items(Cell(rows))[1][rows[0]["seed"]]) for (t, *_), rows in groups.items() if t == task and loss_items(Cell(rows))]
+    return min(sizes) if sizes else None
+
+
+def loss_estimate(cell: Cell, n: int | None) -> str | None:
+    """The cell's eval loss per token over the first ``n`` prompts (seeds pooled), with its CI over prompts."""
+    items = loss_items(cell)
+    if items is None or not n:
+        return None
+    e = stats.bootstrap_ratio(np.sum([v[:n] for v in items[0].values()], axis=0), np.sum([v[:n] for v in items[1].values()], axis=0))
+    return fmt(e, 3)
+
+
+def loss_gap(cp: Cell, ca: Cell) -> stats.Estimate | None:
+    """``cp - ca`` eval loss per token over shared seeds and prompts (two-level), or None without per-prompt losses."""
+    lp, la = loss_items(cp), loss_items(ca)
+    shared = sorted(set(cp.seeds) & set(ca.seeds))
+    if lp is None or la is None or not shared:
+        return None
+    n = min(
+        len(x) for x in (*lp[0].values(), *la[0].values())
+    )  # the no-adapter arms scored every eval prompt, the CPU plan's B curves the first 128
+    return stats.two_level_ratio({s: lp[0][s][:n] - la[0][s][:n] for s in shared}, {s: lp[1][s][:n] for s in shared})
+
+
+def seed_loss_differences(cp: Cell, ca: Cell) -> str:
+    """``cp - ca`` eval loss per shared seed, over the prompts both scored."""
+    lp, la = loss_items(cp), loss_items(ca)
+    if lp is not None and la is not None:
+        n = min(len(x) for x in (*lp[0].values(), *la[0].values()))
+        a = {s: lp[0][s][:n].sum() / lp[1][s][:n].sum() for s in lp[0]}
+        b = {s: la[0][s][:n].sum() / la[1][s][:n].sum() for s in la[0]}
+    else:
+        a = {r["seed"]: r["metrics"].get("eval_loss") for r in cp.rows}
+        b = {r["seed"]: r["metrics"].get("eval_loss") for r in ca.rows}
+    return " / ".join(f"{a[s] - b[s]:+.3f}" for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None)
+
+
+def loss_verdict(cp: Cell, ca: Cell) -> tuple[str, str]:
+    if not (cp.rows and ca.rows):
+        return "not run yet", "the runs this claim needs have not finished"
+    shared = len(set(cp.seeds) & set(ca.seeds))
+    gap = loss_gap(cp, ca)
+    if gap is None:
+        return "inconclusive at this scale", (
+            f"per seed {seed_loss_differences(cp, ca)} nats/token; these runs kept the mean eval loss only (no per-prompt losses), so it has no CI"
+        )
+    return verdict_difference(gap, shared, worse_is_claim=False, digits=3)
 
 
 def length_estimate(cell: Cell, lo: int, hi: int) -> stats.Estimate | None:
@@ -642,9 +766,11 @@ METHOD = """## Method
 - **Learning rate**: per arm a sweep of 3 values on seed 0, chosen on the validation split; then seeds 1 and 2 at
   that lr. **CIs**: 95% percentile bootstrap (10,000 resamples). A difference between arms is paired (every arm
   answers the same prompts) and two-level: each resample draws the seeds both arms share, then the prompts, so its
-  CI covers training noise as well as prompt sampling; the verdicts rest on these. A single arm's CI, the rank
-  change and the per-segment NLL gaps resample prompts only (items averaged over seeds); the *per seed* columns
-  and the loss bands show the seed-to-seed spread. With 3 seeds the seed level is coarse: read the per-seed
+  CI covers training noise as well as prompt sampling; the verdicts rest on these. So are the loss
+  differences (per-token means: resampled per-prompt NLL sums over resampled token counts), the per-segment NLL
+  gaps and the change of a gap with rank (the same seed is the same user and data at every rank). A single arm's
+  CI resamples prompts only (items averaged over seeds); the *per seed* columns and the loss bands show the
+  seed-to-seed spread. With 3 seeds the seed level is coarse: read the per-seed
   columns too.
 """
 

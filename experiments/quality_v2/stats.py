@@ -51,17 +51,24 @@ def item_means(per_seed: dict[int, list[float]], seeds: list[int] | None = None)
 
 
 def paired_difference(a: dict[int, list[float]], b: dict[int, list[float]], seed: int = 0, confidence: float = 0.95) -> Estimate | None:
-    """``a - b`` over the items and seeds both arms have, or None when they share no seed.
-
-    Two-level bootstrap: each resample draws the shared seeds with replacement, then the items, so the
-    interval covers seed-to-seed variation (training noise) as well as prompt sampling. With one shared
-    seed it is the plain bootstrap over items.
-    """
+    """``a - b`` over the items and seeds both arms have, or None when they share no seed (see ``two_level_mean``)."""
     shared = sorted(set(a) & set(b))
     if not shared:
         return None
-    d = np.asarray([a[s] for s in shared], dtype=np.float64) - np.asarray([b[s] for s in shared], dtype=np.float64)
-    if len(shared) == 1:
+    return two_level_mean({s: np.asarray(a[s], dtype=np.float64) - np.asarray(b[s], dtype=np.float64) for s in shared}, seed, confidence)
+
+
+def two_level_mean(per_seed: dict[int, list[float]], seed: int = 0, confidence: float = 0.95) -> Estimate:
+    """The mean of per-seed item values (every seed scored the same items), bootstrapped at two levels.
+
+    Each resample draws the seeds with replacement, then the items, so the interval covers
+    seed-to-seed variation (training noise) as well as prompt sampling. With one seed it is the
+    plain bootstrap over items.
+    """
+    d = np.asarray([per_seed[s] for s in sorted(per_seed)], dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"two_level_mean needs seeds that scored the same non-empty list of items, got shape {d.shape}")
+    if len(d) == 1:
         return bootstrap_mean(d[0], seed, confidence)
     rng = np.random.default_rng(seed)
     k, n = d.shape
@@ -85,3 +92,31 @@ def bootstrap_ratio(numerators, denominators, seed: int = 0, confidence: float =
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return Estimate(float(num.sum() / den.sum()), float(low), float(high), int(den.size))
+
+
+def two_level_ratio(
+    numerators: dict[int, list[float]], denominators: dict[int, list[float]], seed: int = 0, confidence: float = 0.95
+) -> Estimate | None:
+    """A per-token mean ``sum(num) / sum(den)`` from per-seed, per-item sums, bootstrapped over seeds then items.
+
+    For a loss difference between paired arms: ``numerators`` are per-item NLL differences, ``denominators``
+    the items' token counts (the same completions in both arms). None without tokens.
+    """
+    seeds = sorted(numerators)
+    num = np.asarray([numerators[s] for s in seeds], dtype=np.float64)
+    den = np.asarray([denominators[s] for s in seeds], dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 2:
+        raise ValueError(f"two_level_ratio needs per-seed item sums of one shape, got {num.shape} and {den.shape}")
+    keep = den.sum(axis=0) > 0
+    num, den = num[:, keep], den[:, keep]
+    if den.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    k, n = num.shape
+    pick = rng.integers(0, k, size=(N_RESAMPLES, k))
+    items = rng.integers(0, n, size=(N_RESAMPLES, n))
+    num_r = np.take_along_axis(num[pick].sum(axis=1), items, axis=1).sum(axis=1)
+    den_r = np.take_along_axis(den[pick].sum(axis=1), items, axis=1).sum(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(num_r / den_r, [tail, 100 - tail])
+    return Estimate(float(num.sum() / den.sum()), float(low), float(high), int(n))

@@ -79,7 +79,9 @@ class Workbench:
             n = run.budget.curve_items if run.budget else len(data.splits["eval"])
             out.update(self.curves(data.splits["eval"][:n], adapter, policy, system))
         else:
-            out["eval_loss"] = self.mean_nll(data.splits["eval"], adapter, policy, system)
+            nll, tokens = self.item_nll(data.splits["eval"], adapter, policy, system)
+            out["eval_loss"] = sum(nll) / sum(tokens)
+            out["eval_nll"] = {"nll": [round(x, 4) for x in nll], "tokens": tokens}  # per prompt, for a CI on the loss gap
         return out
 
     @staticmethod
@@ -181,18 +183,26 @@ class Workbench:
         }
         return out
 
-    @torch.no_grad()
     def mean_nll(self, items: list[tasks.Item], adapter: str | None, policy: str, system: str | None = None) -> float:
         """Mean NLL per reference completion token (teacher-forced, the adapter under its serving mask)."""
-        nll, count = 0.0, 0
+        nll, tokens = self.item_nll(items, adapter, policy, system)
+        return sum(nll) / sum(tokens)
+
+    @torch.no_grad()
+    def item_nll(
+        self, items: list[tasks.Item], adapter: str | None, policy: str, system: str | None = None
+    ) -> tuple[list[float], list[int]]:
+        """Per item, the summed NLL of its reference completion tokens and their count."""
+        nll: list[float] = []
+        tokens: list[int] = []
         for rows in batched([self.pair(i, system) for i in items], 16):
             batch = collate(rows, policy, self.tokenizer.pad_token_id)
             logits, start = completion_logits(self.model, batch, adapter)
             logp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, start:, None]).squeeze(-1)
             mask = batch.completion_mask[:, start:]
-            nll -= float((logp * mask).sum())
-            count += int(mask.sum())
-        return nll / count
+            nll += (-(logp * mask).sum(-1)).tolist()
+            tokens += mask.sum(-1).long().tolist()
+        return nll, tokens
 
     def pair(self, item: tasks.Item, system: str | None) -> tuple[list[int], list[int]]:
         ex = tokenize_row({"messages": item.chat(system, with_answer=True)}, self.tokenizer, True)

@@ -269,3 +269,86 @@ def test_sweep_table_flags_an_lr_chosen_at_the_edge_of_its_sweep(best_lr, edge):
     text = "\n".join(render.sweep_section(render.index({r["run_id"]: r for r in rows})))
     assert (f"| {best_lr:g} (chosen, at the edge) |" in text) == edge
     assert ("Every chosen lr lies inside its sweep." in text) == (not edge)
+
+
+def test_two_level_ratio_weights_tokens_and_covers_seed_noise():
+    tokens = {s: [1.0, 3.0] * 100 for s in range(3)}
+    same = stats.two_level_ratio({s: [0.1, 0.3] * 100 for s in range(3)}, tokens)
+    assert abs(same.mean - 0.1) < 1e-12 and same.high - same.low < 1e-9  # 0.1 nats on every token, every seed
+    split = stats.two_level_ratio({s: [x * sign for x in [0.2, 0.6] * 100] for s, sign in enumerate([1, -1, 1])}, tokens)
+    assert split.low < -0.1 and split.high > 0.1  # seeds disagree in sign: the interval spans both
+    one = stats.two_level_ratio({0: [2.0, 6.0, 0.0]}, {0: [1, 3, 0]})
+    assert one.mean == 2.0 and one.n == 2  # one seed: the items-only per-token mean; items without tokens drop out
+
+
+def _rows_for_rank_study(gap_r4: float, gap_r64: float) -> list[dict]:
+    rows = []
+    for s in range(3):
+        for r, gap in ((4, gap_r4), (64, gap_r64)):
+            rows.append(_fake_row("A", "LoRA", s, r, 1e-3, 0.9, random.Random(s)))
+            rows.append(_fake_row("A", "LoRA-P", s, r, 1e-3, 0.9, random.Random(s)))
+            p_items = rows[-1]["metrics"]["items"]["score"]
+            for i in range(int(gap * len(p_items))):  # the prefill-only arm misses a fixed share of the prompts
+                p_items[i] = 0
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("gap_r4", "gap_r64", "expected", "reason"),
+    [
+        (0.3, 0.0, "supported", "the gap shrinks"),
+        (0.0, 0.3, "inconclusive at this scale", "there is no gap to close"),  # nothing to close at rank 4
+        (0.1, 0.3, "not supported", "the gap grows"),
+    ],
+)
+def test_rank_verdict_needs_a_gap_at_rank_4_and_a_change_whose_ci_excludes_0(gap_r4, gap_r64, expected, reason):
+    groups = render.index({r["run_id"]: r for r in _rows_for_rank_study(gap_r4, gap_r64)})
+    verdict, why = render.rank_verdict(groups, "A", "LoRA-P", "LoRA")
+    assert verdict == expected and reason in why and "(3 seed(s))" in why
+
+
+def _with_eval_nll(row: dict, per_token: float) -> dict:
+    n = len(row["metrics"]["items"]["score"])
+    row["metrics"]["eval_nll"] = {"nll": [per_token * 5] * n, "tokens": [5] * n}
+    row["metrics"]["eval_loss"] = per_token
+    return row
+
+
+def test_loss_verdict_uses_per_prompt_losses_and_says_when_a_run_kept_only_the_mean():
+    rng = random.Random(0)
+    lora = render.Cell([_with_eval_nll(_fake_row("A", "LoRA", s, 16, 1e-3, 0.9, rng), 0.05) for s in range(3)])
+    lora_p = render.Cell([_with_eval_nll(_fake_row("A", "LoRA-P", s, 16, 1e-3, 0.9, rng), 0.10 + 0.01 * s) for s in range(3)])
+    verdict, why = render.loss_verdict(lora_p, lora)
+    assert verdict == "supported" and "difference 0.060 [0.050, 0.070]" in why  # higher loss: the claim holds
+    assert render.seed_loss_differences(lora_p, lora) == "+0.050 / +0.060 / +0.070"
+    for row in lora_p.rows + lora.rows:  # runs from before per-prompt losses were recorded (A has no length segments)
+        del row["metrics"]["eval_nll"], row["metrics"]["segments"]
+    verdict, why = render.loss_verdict(lora_p, lora)
+    assert verdict == "inconclusive at this scale" and "no CI" in why and "+0.050 / +0.060 / +0.070" in why
+
+
+def test_backfill_stores_per_prompt_losses_only_when_they_reproduce_the_recorded_mean(tmp_path):
+    from experiments.quality_v2 import backfill
+
+    rows = [_fake_row("A", "base", s, 0, 0.0, 0.0, random.Random(s)) for s in range(2)]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn')  # a torn last line is dropped, not kept
+    assert [r["run_id"] for r in backfill.wanted(load_rows(path))] == ["A/base/s0", "A/base/s1"]
+
+    class Bench:  # stands in for the workbench: every prompt's answer has 4 tokens at ``per_token`` nats each
+        def __init__(self, per_token):
+            self.per_token = per_token
+
+        def item_nll(self, items, adapter, policy, system=None):
+            return [4 * self.per_token] * len(items), [4] * len(items)
+
+    assert backfill.backfill_one(Bench(1.5), rows[0], retrain=False, tolerance=0.02) is None  # recorded 1.0: not the same run
+    fields = backfill.backfill_one(Bench(1.0), rows[0], retrain=False, tolerance=0.02)
+    assert fields["eval_nll"]["backfill"] == {"recorded_eval_loss": 1.0, "recomputed_eval_loss": 1.0, "retrained": False}
+    backfill.update_row("A/base/s0", fields, path)
+    after = load_rows(path)
+    assert [r["run_id"] for r in backfill.wanted(after)] == ["A/base/s1"]  # the other row is untouched
+    assert after["A/base/s1"] == rows[1] and len(after["A/base/s0"]["metrics"]["eval_nll"]["nll"]) == len(
+        rows[0]["metrics"]["items"]["score"]
+    )
+    assert render.loss_items(render.Cell([after["A/base/s0"]]))[1][0].sum() == 4 * len(rows[0]["metrics"]["items"]["score"])
