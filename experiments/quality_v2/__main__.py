@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run or resume the PreFT quality study on SmolLM2-135M-Instruct (one JSON line per run).")
     p.add_argument("--plan", choices=sorted(PLANS), required=True, help="cpu: sized for a small shared CPU; gpu: the full grid")
     p.add_argument("--model", default="default", help="base model: 'default' (SmolLM2-135M-Instruct), a folder or a .gguf file")
+    p.add_argument("--device", default=None, help="torch device for training and serving (default: cuda if available, else cpu)")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many finished runs")
     p.add_argument("--list", action="store_true", help="print the runs the plan wants next and exit")
     p.add_argument("--render", action="store_true", help="rewrite docs/quality.md after every finished run")
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from experiments.quality_v2.workbench import Workbench
 
-    bench = Workbench(args.model)
+    bench = Workbench(args.model, args.device)
 
     done = execute(plan, bench.run, max_runs=args.max_runs, after=_render if args.render else None)
     print(f"{done} runs finished; nothing left to run in the {args.plan} plan" if args.max_runs is None else f"{done} runs finished")

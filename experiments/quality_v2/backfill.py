@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.02, help="largest relative gap between recomputed and recorded eval loss")
     p.add_argument("--runs", type=Path, default=RUNS_FILE)
     p.add_argument("--model", default="default")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     args = p.parse_args(argv)
     from experiments.quality_v2.workbench import Workbench, log
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print("every task-A run has per-prompt eval losses")
         return 0
     todo.sort(key=lambda r: ARMS[r["config"]["arm"]][0] is not None)  # the cheap no-adapter arms first
-    bench = Workbench(args.model)
+    bench = Workbench(args.model, args.device)
     claims = args.runs.with_name(args.runs.name + ".backfill-claims")
     done = 0
     for row in todo:

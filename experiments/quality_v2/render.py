@@ -134,13 +134,23 @@ def table(header: list[str], lines: list[list[str]]) -> list[str]:
 def status_section(plan: Plan, rows: dict[str, dict]) -> list[str]:
     todo = pending(plan, rows)
     wall = sum(r["wall_s"] for r in rows.values()) / 3600
+    if todo:
+        head = (
+            f"**Partial results.** {len(rows)} runs finished ({wall:.1f} h of compute on a shared 2-core CPU, one thread per run); "
+            f"{len(todo)} more are pending in the `{plan.name}` plan now (seed runs of an arm are added once its learning-rate sweep "
+            "has finished, so this count grows). Every cell below without runs says *not run yet*. Resume with one worker per "
+            "free core (workers claim runs, so they never run the same one):"
+        )
+    else:
+        head = (
+            f"**The `{plan.name}` plan is complete**: {len(rows)} runs ({wall:.1f} h of compute on a shared 2-core CPU, one thread "
+            "per run). Cells marked *not in this plan* belong to the `gpu` plan (the full grid, longer training, every rank and "
+            "task for every arm), which has not run: it needs a GPU. The commands:"
+        )
     out = [
         "## Status",
         "",
-        f"**Partial results.** {len(rows)} runs finished ({wall:.1f} h of compute on a shared 2-core CPU, one thread per run); "
-        f"{len(todo)} more are pending in the `{plan.name}` plan now (seed runs of an arm are added once its learning-rate sweep "
-        "has finished, so this count grows). Every cell below without runs says *not run yet*. Resume with one worker per "
-        "free core (workers claim runs, so they never run the same one):",
+        head,
         "",
         "```",
         f"for i in 1 2; do nohup nice -n 19 env OMP_NUM_THREADS=1 python -m experiments.quality_v2 --plan {plan.name} --render "

@@ -31,15 +31,17 @@ ADAPTER = "quality"  # the adapter's name inside the training model
 class Workbench:
     """The base model (training side and serving engine), loaded once; ``run(Run) -> metrics``."""
 
-    def __init__(self, model: str = "default"):
+    def __init__(self, model: str = "default", device: str | None = None):
         from preft.engine import LLM
         from preft.train import SFTConfig
         from preft.train.trainer import load_model
 
         torch.set_num_threads(1)  # a shared small CPU: two threads per process oversubscribe it
         self.model_name = model
-        self.model, self.tokenizer = load_model(model, SFTConfig(device="cpu", bf16=False), torch.device("cpu"))
-        self.llm = LLM(model, dtype="float32", device="cpu", max_num_seqs=64)
+        # float32 on every device: the arms' differences are small, and a 135M model is cheap in float32 on a GPU too
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model, self.tokenizer = load_model(model, SFTConfig(device=self.device.type, bf16=False), self.device)
+        self.llm = LLM(model, dtype="float32", device=self.device.type, max_num_seqs=64)
         self._names = itertools.count()
         self._base_answers: dict[tuple, str] = {}  # the base model's greedy answer depends on the prompt only (many arms share them)
 
@@ -98,7 +100,7 @@ class Workbench:
         resume = "latest" if any(out.glob("checkpoint-*")) else None
         return dict(
             output_dir=str(out), adapter_name=ADAPTER, adapter=kind, policy=policy, r=run.r, lora_alpha=2.0 * run.r,
-            learning_rate=run.lr, warmup_ratio=0.05, seed=run.seed, device="cpu", bf16=False, disable_tqdm=True,
+            learning_rate=run.lr, warmup_ratio=0.05, seed=run.seed, device=self.device.type, bf16=False, disable_tqdm=True,
             logging_steps=1, save_steps=10, save_total_limit=1, resume_from_checkpoint=resume,
         )  # fmt: skip
 
@@ -196,9 +198,9 @@ class Workbench:
         nll: list[float] = []
         tokens: list[int] = []
         for rows in batched([self.pair(i, system) for i in items], 16):
-            batch = collate(rows, policy, self.tokenizer.pad_token_id)
+            batch = collate(rows, policy, self.tokenizer.pad_token_id).to(self.device)
             logits, start = completion_logits(self.model, batch, adapter)
-            logp = torch.log_softmax(logits, -1).gather(-1, batch.input_ids[:, start:, None]).squeeze(-1)
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, start:, None]).squeeze(-1)
             mask = batch.completion_mask[:, start:]
             nll += (-(logp * mask).sum(-1)).tolist()
             tokens += mask.sum(-1).long().tolist()
@@ -246,9 +248,9 @@ class Workbench:
 
     def _completion_logprobs(self, rows: list[tuple[list[int], list[int]]], adapter: str | None, policy: str) -> list[torch.Tensor]:
         """Per row, ``[len(completion), vocab]`` log-probs of each completion position (teacher-forced, serving mask)."""
-        batch = collate(rows, policy, self.tokenizer.pad_token_id)
+        batch = collate(rows, policy, self.tokenizer.pad_token_id).to(self.device)
         logits, start = completion_logits(self.model, batch, adapter)
-        logp = torch.log_softmax(logits, -1)
+        logp = torch.log_softmax(logits.float(), -1).cpu()
         return [logp[b, len(p) - start : len(p) - start + len(c)] for b, (p, c) in enumerate(rows)]
 
 
