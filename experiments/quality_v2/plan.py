@@ -142,6 +142,11 @@ def at_best_lr(task: str, arms: list[str], ranks: list[int], sweep_r: int, lrs: 
     return Wanted({(task, arm, r) for arm in arms for r in ranks}, runs)
 
 
+def single_runs(task: str, arms: list[str], r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Wanted:
+    """Seed 0 at each of ``lrs``: a check of the lr another stage reused, not a sweep (nothing follows from it)."""
+    return Wanted({(task, arm, r) for arm in arms}, lambda rows: [Run(task, arm, 0, r, lr, stage, budget) for lr in lrs for arm in arms])
+
+
 def no_training(task: str, arms: list[str], stage: str, seeds: tuple[int, ...] = SEEDS) -> Wanted:
     return Wanted({(task, arm, 0) for arm in arms}, lambda rows: [Run(task, arm, s, stage=stage) for arm in arms for s in seeds])
 
@@ -161,7 +166,8 @@ CPU_CUTS = [
     "Task B trains on lists of at most 20 items (answers up to ~120 tokens, mean 32) and is evaluated up to 40 items (~215 tokens): "
     "training rows stay short enough for the CPU, and the length map then also measures length generalisation (equal for every arm). "
     "The GPU plan trains up to 40 items.",
-    "One learning-rate sweep per arm at rank 16; ranks 4 and 64 reuse that lr (LoRA alpha = 2r keeps the scale fixed) instead of a sweep each.",
+    "One learning-rate sweep per arm at rank 16; ranks 4 and 64 reuse that lr (LoRA alpha = 2r keeps the scale fixed) instead of a sweep "
+    "each. One more lr (3e-3) on seed 0 at rank 4 checks that reuse; where it validates better, the rank verdict cannot be decided.",
     "Ranks 4 and 64 for LoRA/LoRA-P on task A only; DiReFT/DiReFT-P at rank 16 only.",
     "GRPO: 20 steps of 2 prompts x 8 rollouts of at most 48 tokens per run (the measured ~40 s per step makes each run ~15 min).",
 ]
@@ -181,6 +187,8 @@ def cpu_plan() -> Plan:
         Stage("C: GRPO LoRA vs LoRA-P, r16", "Q2", sweep_then_seeds("C", lora, 16, GRPO_LRS, b, "C-grpo-r16")),
         Stage("A: DiReFT vs DiReFT-P, r16", "Q1", sweep_then_seeds("A", direft, 16, DIREFT_LRS, b, "A-direft-r16")),
         Stage("A: LoRA vs LoRA-P, r4 and r64", "Q1", at_best_lr("A", lora, [4, 64], 16, LORA_LRS, b, "A-lora-ranks")),
+        # is the r16 lr right at rank 4? (LoRA-P fell far behind there) one more lr on seed 0 guards the rank verdict
+        Stage("A: lr check at r4, seed 0", "Q1", single_runs("A", lora, 4, (3e-3,), b, "A-lora-r4-lr")),
     ]
     return Plan("cpu", b, stages, CPU_CUTS)
 

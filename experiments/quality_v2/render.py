@@ -293,6 +293,12 @@ def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
     why = f"gap r4 {gap4.fmt()}, r64 {gap64.fmt()}, change {change.fmt()} ({len(shared)} seed(s))"
     if len(shared) < 3:
         return "inconclusive at this scale", why + "; fewer than 3 seeds"
+    untuned = [
+        f"{arm} r{r} (seed 0: lr {lr:g} validates {val:.2f}, the lr used {used:.2f})"
+        for arm, r, lr, val, used in better_lrs(groups, task, (p, a), (4, 64))
+    ]
+    if untuned:
+        return "inconclusive at this scale", why + "; the lr reused from rank 16 is not the best at " + ", ".join(untuned)
     if gap4.high >= 0:
         return (
             "inconclusive at this scale",
@@ -303,6 +309,22 @@ def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
     if change.high < 0:
         return "not supported", why + "; the gap grows (CI of the change below 0)"
     return "inconclusive at this scale", why + "; the CI of the change includes 0"
+
+
+def better_lrs(groups, task: str, arms: tuple[str, ...], ranks: tuple[int, ...]) -> list[tuple[str, int, float, float, float]]:
+    """(arm, rank, lr, its seed-0 val score, the used lr's seed-0 val score) where another lr validates better on seed 0."""
+    out = []
+    for arm in arms:
+        for r in ranks:
+            cell = chosen(groups, task, arm, r)
+            used = next((x["metrics"]["val_score"] for x in cell.rows if x["seed"] == 0), None)
+            if used is None:
+                continue
+            for (t, a, rr, lr), rows in groups.items():
+                val = next((x["metrics"]["val_score"] for x in rows if x["seed"] == 0), None)
+                if (t, a, rr) == (task, arm, r) and lr != cell.lr and val is not None and val > used:
+                    out.append((arm, r, lr, val, used))
+    return out
 
 
 def sweep_section(groups) -> list[str]:

@@ -352,3 +352,14 @@ def test_backfill_stores_per_prompt_losses_only_when_they_reproduce_the_recorded
         rows[0]["metrics"]["items"]["score"]
     )
     assert render.loss_items(render.Cell([after["A/base/s0"]]))[1][0].sum() == 4 * len(rows[0]["metrics"]["items"]["score"])
+
+
+def test_rank_verdict_is_undecided_when_another_lr_validates_better_at_a_reused_rank():
+    rows = _rows_for_rank_study(0.3, 0.0)  # would be "supported" (the gap shrinks)
+    check = _fake_row("A", "LoRA-P", 0, 4, 3e-3, 0.9, random.Random(0))
+    check["metrics"]["val_score"] = 0.95  # the seed-0 lr check beats the reused lr (val 0.9)
+    groups = render.index({r["run_id"]: r for r in rows + [check]})
+    assert render.chosen(groups, "A", "LoRA-P", 4).lr == 1e-3  # the lr with 3 seeds stays the one reported
+    verdict, why = render.rank_verdict(groups, "A", "LoRA-P", "LoRA")
+    assert verdict == "inconclusive at this scale"
+    assert "not the best at LoRA-P r4 (seed 0: lr 0.003 validates 0.95, the lr used 0.90)" in why
