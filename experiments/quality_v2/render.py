@@ -298,7 +298,10 @@ def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
         for arm, r, lr, val, used in better_lrs(groups, task, (p, a), (4, 64))
     ]
     if untuned:
-        return "inconclusive at this scale", why + "; the lr reused from rank 16 is not the best at " + ", ".join(untuned)
+        return (
+            "inconclusive at this scale",
+            why + "; the lr these seeds ran at is not the best on validation (its sweep is unfinished) at " + ", ".join(untuned),
+        )
     if gap4.high >= 0:
         return (
             "inconclusive at this scale",

@@ -208,6 +208,18 @@ def test_both_plans_start_with_the_headline_runs():
         assert (first_trained.task, first_trained.arm, first_trained.seed) == ("A", "LoRA", 0)
 
 
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_every_trained_cell_of_both_plans_starts_with_a_sweep_of_at_least_3_lrs(name):
+    plan = PLANS[name]()
+    cells: dict[tuple, set[float]] = {}
+    for _, run in pending(plan, {}):  # nothing finished: only the seed-0 sweeps are wanted
+        if run.trains:
+            assert run.seed == 0
+            cells.setdefault((run.task, run.arm, run.r), set()).add(run.lr)
+    assert cells and all(len(lrs) >= 3 for lrs in cells.values()), cells
+    assert {c for c in cells if c[1] == "LoRA-P" and c[0] == "A"} == {("A", "LoRA-P", r) for r in (4, 16, 64)}
+
+
 def test_two_workers_never_take_the_same_run_and_a_dead_workers_claim_is_taken_over(tmp_path):
     from experiments.quality_v2.runner import claim, release
 
@@ -354,12 +366,12 @@ def test_backfill_stores_per_prompt_losses_only_when_they_reproduce_the_recorded
     assert render.loss_items(render.Cell([after["A/base/s0"]]))[1][0].sum() == 4 * len(rows[0]["metrics"]["items"]["score"])
 
 
-def test_rank_verdict_is_undecided_when_another_lr_validates_better_at_a_reused_rank():
+def test_rank_verdict_is_undecided_while_another_lr_validates_better_than_the_one_with_seeds():
     rows = _rows_for_rank_study(0.3, 0.0)  # would be "supported" (the gap shrinks)
     check = _fake_row("A", "LoRA-P", 0, 4, 3e-3, 0.9, random.Random(0))
-    check["metrics"]["val_score"] = 0.95  # the seed-0 lr check beats the reused lr (val 0.9)
+    check["metrics"]["val_score"] = 0.95  # its sweep is unfinished: a seed-0 run beats the lr with 3 seeds (val 0.9)
     groups = render.index({r["run_id"]: r for r in rows + [check]})
     assert render.chosen(groups, "A", "LoRA-P", 4).lr == 1e-3  # the lr with 3 seeds stays the one reported
     verdict, why = render.rank_verdict(groups, "A", "LoRA-P", "LoRA")
     assert verdict == "inconclusive at this scale"
-    assert "not the best at LoRA-P r4 (seed 0: lr 0.003 validates 0.95, the lr used 0.90)" in why
+    assert "not the best on validation (its sweep is unfinished) at LoRA-P r4 (seed 0: lr 0.003 validates 0.95, the lr used 0.90)" in why
