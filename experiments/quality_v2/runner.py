@@ -127,6 +127,9 @@ def execute(
             time.sleep(30)
             continue
         stage, run = picked
+        if run.run_id in load_rows(path):  # another worker finished it between our read and our claim (it appends, then releases)
+            release(run.run_id, claims)
+            continue
         print(f"[{time.strftime('%H:%M:%S')}] {stage}: {run.run_id} ({len(todo)} pending)", flush=True)
         start = time.time()
         try:

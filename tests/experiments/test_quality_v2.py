@@ -154,6 +154,32 @@ def test_runner_skips_finished_runs_and_resumes_where_it_stopped(tmp_path):
     assert execute(_stub_plan(), run_fn, path) == 0 and not pending(_stub_plan(), rows)
 
 
+def test_a_run_another_worker_finishes_between_our_read_and_our_claim_is_not_run_again(tmp_path, monkeypatch):
+    """The race that ran A/LoRA-P/r64/lr0.0003/s0 twice: the other worker appends its row and releases its claim
+    after this worker read runs.jsonl but before it claimed; the claim succeeds, so the row must be re-read."""
+    from experiments.quality_v2 import runner
+    from experiments.quality_v2.runner import append_row
+
+    path, calls, real_claim = tmp_path / "runs.jsonl", [], runner.claim
+    first = pending(_stub_plan(), {})[0][1]
+
+    def claim_after_the_other_worker_finished(run_id, claims):
+        if run_id == first.run_id and not calls:
+            append_row({"run_id": run_id, "stage": first.stage, "config": first.config(), "seed": 0, "wall_s": 1.0,
+                        "metrics": _stub_metrics(first)}, path)
+        return real_claim(run_id, claims)
+
+    def run_fn(run):
+        calls.append(run.run_id)
+        return _stub_metrics(run)
+
+    monkeypatch.setattr(runner, "claim", claim_after_the_other_worker_finished)
+    execute(_stub_plan(), run_fn, path, max_runs=1)
+    assert calls and first.run_id not in calls
+    assert [json.loads(line)["run_id"] for line in path.read_text().splitlines()].count(first.run_id) == 1
+    assert not list((tmp_path / "runs.jsonl.claims").glob("*.pid"))  # the claim it took back was released
+
+
 def test_a_failing_run_is_skipped_and_the_study_goes_on(tmp_path):
     path = tmp_path / "runs.jsonl"
 
