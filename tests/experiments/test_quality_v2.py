@@ -165,8 +165,17 @@ def test_a_run_another_worker_finishes_between_our_read_and_our_claim_is_not_run
 
     def claim_after_the_other_worker_finished(run_id, claims):
         if run_id == first.run_id and not calls:
-            append_row({"run_id": run_id, "stage": first.stage, "config": first.config(), "seed": 0, "wall_s": 1.0,
-                        "metrics": _stub_metrics(first)}, path)
+            append_row(
+                {
+                    "run_id": run_id,
+                    "stage": first.stage,
+                    "config": first.config(),
+                    "seed": 0,
+                    "wall_s": 1.0,
+                    "metrics": _stub_metrics(first),
+                },
+                path,
+            )
         return real_claim(run_id, claims)
 
     def run_fn(run):
