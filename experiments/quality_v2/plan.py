@@ -2,7 +2,8 @@
 
 A plan is a list of stages. A stage turns the runs finished so far into the runs it wants, so the
 seed runs of an arm follow its learning-rate sweep: they use the lr with the best validation score
-(seed 0, tie broken by validation loss), and wait until every lr of the sweep has finished.
+(seed 0, tie broken by validation loss), and wait until every lr of the sweep has finished; a sweep
+whose winner lies at one of its ends first grows past that end (``extended_sweep``).
 
 The ``cpu`` plan is sized for a shared 2-core machine (one SFT step of SmolLM2-135M at batch 16 x
 ~50 tokens takes ~6 s on one thread, and evaluation costs as much again); its cuts are listed in ``CPU_CUTS``.
@@ -29,6 +30,7 @@ LORA_LRS = (1e-3, 3e-4, 3e-3)
 LORA_LRS_BY_RANK = {4: (1e-3, 3e-3, 1e-2), 16: LORA_LRS, 64: LORA_LRS}
 DIREFT_LRS = (4e-3, 1e-3, 1.6e-2)
 GRPO_LRS = (1e-4, 2e-5, 5e-4)
+MAX_EXTENSIONS = 2  # lrs a sweep may add past an end whose lr won (see extended_sweep)
 
 
 @dataclass(frozen=True)
@@ -116,13 +118,32 @@ def best_lr(rows: dict[str, dict], template: Run, lrs: tuple[float, ...]) -> flo
     return min(found)[2]
 
 
+def extended_sweep(rows: dict[str, dict], template: Run, lrs: tuple[float, ...]) -> tuple[tuple[float, ...], float | None]:
+    """The arm's sweep so far and its best lr (None until every lr of it has finished).
+
+    A sweep of 3 or more lrs whose winner lies at one end is extended past that end by the sweep's own ratio
+    (5e-4 beating 1e-4 adds 2.5e-3), up to ``MAX_EXTENSIONS`` times: a winner at the edge says only that a
+    better lr may lie beyond it.
+    """
+    swept = tuple(lrs)
+    while True:
+        best = best_lr(rows, template, swept)
+        ordered = sorted(swept)
+        at_edge = best is not None and len(lrs) >= 3 and best in (ordered[0], ordered[-1])
+        if not at_edge or len(swept) - len(lrs) >= MAX_EXTENSIONS:  # out of extensions: the page flags an edge winner
+            return swept, best
+        neighbour = ordered[1] if best == ordered[0] else ordered[-2]
+        swept += (float(f"{best * best / neighbour:.3g}"),)
+
+
 def sweep_then_seeds(task: str, arms: list[str], r: int, lrs: tuple[float, ...], budget: Budget, stage: str) -> Wanted:
-    """Seed 0 at every lr, then the other seeds at each arm's best lr."""
+    """Seed 0 at every lr (extended past an end that wins), then the other seeds at each arm's best lr."""
 
     def runs(rows: dict[str, dict]) -> list[Run]:
         out = [Run(task, arm, 0, r, lr, stage, budget) for lr in lrs for arm in arms]
         for arm in arms:
-            lr = best_lr(rows, Run(task, arm, 0, r, budget=budget), lrs)
+            swept, lr = extended_sweep(rows, Run(task, arm, 0, r, budget=budget), lrs)
+            out += [Run(task, arm, 0, r, x, stage, budget) for x in swept[len(lrs) :]]
             if lr is not None:
                 out += [Run(task, arm, s, r, lr, stage, budget) for s in SEEDS[1:]]
         return out

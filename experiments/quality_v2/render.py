@@ -265,18 +265,22 @@ def q1_section(groups, task: str, plan: Plan) -> tuple[list[str], list[tuple[str
     out += table(header, diffs) + [""]
     for p, a in PAIRS:
         if not planned(plan, task, (p, 4), (a, 4), (p, 64), (a, 64)):
-            verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", NOT_PLANNED, ""))
+            verdicts.append((f"{task}: a higher rank closes the {p} vs {a} score gap (r4 -> r64)", NOT_PLANNED, ""))
+            verdicts.append((f"{task}: a higher rank closes the {p} vs {a} eval-loss gap (r4 -> r64)", NOT_PLANNED, ""))
             continue
         v, why = rank_verdict(groups, task, p, a)
-        verdicts.append((f"{task}: a higher rank closes the {p} vs {a} gap (r4 -> r64)", v, why))
+        verdicts.append((f"{task}: a higher rank closes the {p} vs {a} score gap (r4 -> r64)", v, why))
+        v, why = rank_verdict(groups, task, p, a, loss=True)
+        verdicts.append((f"{task}: a higher rank closes the {p} vs {a} eval-loss gap (r4 -> r64)", v, why))
     return out, verdicts
 
 
-def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
-    """Does the ``p - a`` score gap shrink from rank 4 to rank 64? Needs a gap at rank 4 to close.
+def rank_verdict(groups, task: str, p: str, a: str, loss: bool = False) -> tuple[str, str]:
+    """Does the ``p - a`` gap (score, or eval loss with ``loss``) shrink from rank 4 to rank 64? Needs a gap at rank 4.
 
     The change of the gap is bootstrapped at two levels like every difference: the seeds both ranks and
-    arms share (the same seed is the same user and data), then the prompts.
+    arms share (the same seed is the same user and data), then the prompts. A score gap of a worse ``p`` is
+    negative and closes upwards; a loss gap is positive and closes downwards.
     """
     cells = {r: (chosen(groups, task, p, r), chosen(groups, task, a, r)) for r in (4, 64)}
     if not all(cp.rows and ca.rows for cp, ca in cells.values()):
@@ -284,13 +288,26 @@ def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
     shared = sorted(set.intersection(*(set(c.seeds) for pair in cells.values() for c in pair)))
     if not shared:
         return "not run yet", f"{p} and {a} share no seed at ranks 4 and 64"
-    gaps = {}
-    for r, (cp, ca) in cells.items():
-        scores_p, scores_a = cp.items(), ca.items()
-        gaps[r] = {s: np.asarray(scores_p[s], dtype=float) - np.asarray(scores_a[s], dtype=float) for s in shared}
-    gap4, gap64 = stats.two_level_mean(gaps[4]), stats.two_level_mean(gaps[64])
-    change = stats.paired_difference(gaps[64], gaps[4])
-    why = f"gap r4 {gap4.fmt()}, r64 {gap64.fmt()}, change {change.fmt()} ({len(shared)} seed(s))"
+    if loss:
+        items = [loss_items(c) for pair in cells.values() for c in pair]
+        if any(x is None for x in items):
+            return "inconclusive at this scale", "these runs kept the mean eval loss only (no per-prompt losses), so it has no CI"
+        n = min(len(v[s]) for x in items for v in x for s in shared)  # every cell scored the same prompts; B's curves a prefix
+        (np4, tok), (na4, _), (np64, _), (na64, _) = items
+        gaps = {4: {s: np4[s][:n] - na4[s][:n] for s in shared}, 64: {s: np64[s][:n] - na64[s][:n] for s in shared}}
+        tokens = {s: tok[s][:n] for s in shared}  # the same reference answers at every rank
+        gap4, gap64 = (stats.two_level_ratio(gaps[r], tokens) for r in (4, 64))
+        change = stats.two_level_ratio({s: gaps[64][s] - gaps[4][s] for s in shared}, tokens)
+        digits = 3
+    else:
+        gaps = {}
+        for r, (cp, ca) in cells.items():
+            scores_p, scores_a = cp.items(), ca.items()
+            gaps[r] = {s: np.asarray(scores_p[s], dtype=float) - np.asarray(scores_a[s], dtype=float) for s in shared}
+        gap4, gap64 = stats.two_level_mean(gaps[4]), stats.two_level_mean(gaps[64])
+        change = stats.paired_difference(gaps[64], gaps[4])
+        digits = 2
+    why = f"gap r4 {gap4.fmt(digits)}, r64 {gap64.fmt(digits)}, change {change.fmt(digits)} ({len(shared)} seed(s))"
     if len(shared) < 3:
         return "inconclusive at this scale", why + "; fewer than 3 seeds"
     untuned = [
@@ -302,15 +319,20 @@ def rank_verdict(groups, task: str, p: str, a: str) -> tuple[str, str]:
             "inconclusive at this scale",
             why + "; the lr these seeds ran at is not the best on validation (its sweep is unfinished) at " + ", ".join(untuned),
         )
-    if gap4.high >= 0:
+    # a worse p: a negative score gap that closes upwards, or a positive loss gap that closes downwards
+    has_gap, shrinks, grows = (gap4.low > 0, change.high < 0, change.low > 0) if loss else (gap4.high < 0, change.low > 0, change.high < 0)
+    if not has_gap:
+        worse = "higher" if loss else "worse"
         return (
             "inconclusive at this scale",
-            why + f"; {p} is not established as worse at rank 4 (CI includes 0), so there is no gap to close",
+            why + f"; {p} is not established as {worse} at rank 4 (CI includes 0), so there is no gap to close",
         )
-    if change.low > 0:
-        return "supported", why + "; the gap shrinks (CI of the change above 0)"
-    if change.high < 0:
-        return "not supported", why + "; the gap grows (CI of the change below 0)"
+    side = ("below", "above") if loss else ("above", "below")
+    if shrinks:
+        closed = "; at rank 64 the CI of the gap includes 0" if gap64.low <= 0 <= gap64.high else ""
+        return "supported", why + f"; the gap shrinks (CI of the change {side[0]} 0){closed}"
+    if grows:
+        return "not supported", why + f"; the gap grows (CI of the change {side[1]} 0)"
     return "inconclusive at this scale", why + "; the CI of the change includes 0"
 
 
@@ -798,8 +820,8 @@ METHOD = """## Method
     problems in 6 held-out templates with held-out names.
   - Train, validation and eval are disjoint by construction and asserted (`tasks.check_disjoint`: no held-out
     prompt occurs in training, and no training prompt is an instance of a held-out template).
-- **Learning rate**: per arm a sweep of 3 values on seed 0, chosen on the validation split; then seeds 1 and 2 at
-  that lr. **CIs**: 95% percentile bootstrap (10,000 resamples). A difference between arms is paired (every arm
+- **Learning rate**: per arm a sweep of 3 values on seed 0, chosen on the validation split (a winner at an end of
+  the sweep adds the next lr past that end, at the sweep's ratio, up to twice); then seeds 1 and 2 at that lr. **CIs**: 95% percentile bootstrap (10,000 resamples). A difference between arms is paired (every arm
   answers the same prompts) and two-level: each resample draws the seeds both arms share, then the prompts, so its
   CI covers training noise as well as prompt sampling; the verdicts rest on these. So are the loss
   differences (per-token means: resampled per-prompt NLL sums over resampled token counts), the per-segment NLL

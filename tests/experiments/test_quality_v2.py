@@ -255,6 +255,30 @@ def test_every_trained_cell_of_both_plans_starts_with_a_sweep_of_at_least_3_lrs(
     assert {c for c in cells if c[1] == "LoRA-P" and c[0] == "A"} == {("A", "LoRA-P", r) for r in (4, 16, 64)}
 
 
+@pytest.mark.parametrize(
+    ("val_by_lr", "then_wanted", "seeds_at"),
+    [
+        ({3e-4: 0.4, 1e-3: 0.6, 3e-3: 0.5}, [], 1e-3),  # the winner inside: no extension, seeds at once
+        ({3e-4: 0.4, 1e-3: 0.5, 3e-3: 0.6, 9e-3: 0.55}, [9e-3], 3e-3),  # top edge won: 9e-3 tried, lost
+        ({3e-4: 0.7, 1e-3: 0.5, 3e-3: 0.4, 9e-5: 0.6}, [9e-5], 3e-4),  # bottom edge won: 9e-5 tried, lost
+        ({3e-4: 0.4, 1e-3: 0.5, 3e-3: 0.6, 9e-3: 0.7, 2.7e-2: 0.8}, [9e-3, 2.7e-2], 2.7e-2),  # out of extensions: stands
+    ],
+)
+def test_a_sweep_whose_winner_is_at_an_end_is_extended_past_it_before_any_seed_runs(val_by_lr, then_wanted, seeds_at):
+    stage = sweep_then_seeds("A", ["LoRA"], 16, (1e-3, 3e-4, 3e-3), CPU_BUDGET, "s")
+    rows = {}
+    wanted = [(r.lr, r.seed) for r in stage(rows)]
+    assert wanted == [(1e-3, 0), (3e-4, 0), (3e-3, 0)]  # nothing finished: the planned sweep only
+    for lr in (1e-3, 3e-4, 3e-3, *then_wanted):  # finish the sweep run by run, as workers would
+        assert (lr, 0) in [(r.lr, r.seed) for r in stage(rows)]
+        assert not [r for r in stage(rows) if r.seed > 0], "seeds wait for the sweep, extensions included"
+        run = Run("A", "LoRA", 0, 16, lr, "s", CPU_BUDGET)
+        rows[run.run_id] = {"run_id": run.run_id, "metrics": {"val_score": val_by_lr[lr], "val_loss": 1.0}}
+    final = stage(rows)
+    assert sorted(r.lr for r in final if r.seed == 0) == sorted((1e-3, 3e-4, 3e-3, *then_wanted))
+    assert {(r.lr, r.seed) for r in final if r.seed > 0} == {(seeds_at, 1), (seeds_at, 2)}
+
+
 def test_two_workers_never_take_the_same_run_and_a_dead_workers_claim_is_taken_over(tmp_path):
     from experiments.quality_v2.runner import claim, release
 
@@ -372,6 +396,27 @@ def test_loss_verdict_uses_per_prompt_losses_and_says_when_a_run_kept_only_the_m
         del row["metrics"]["eval_nll"], row["metrics"]["segments"]
     verdict, why = render.loss_verdict(lora_p, lora)
     assert verdict == "inconclusive at this scale" and "no CI" in why and "+0.050 / +0.060 / +0.070" in why
+
+
+@pytest.mark.parametrize(
+    ("gap_r4", "gap_r64", "expected", "reason"),
+    [
+        (0.05, 0.0, "supported", "the gap shrinks (CI of the change below 0); at rank 64 the CI of the gap includes 0"),
+        (0.0, 0.05, "inconclusive at this scale", "LoRA-P is not established as higher at rank 4"),
+        (0.02, 0.06, "not supported", "the gap grows (CI of the change above 0)"),
+    ],
+)
+def test_rank_verdict_on_eval_loss_closes_downwards(gap_r4, gap_r64, expected, reason):
+    """The loss gap of a worse prefill-only arm is positive: it closes when the change r4 -> r64 is below 0."""
+    rows = _rows_for_rank_study(0.0, 0.0)  # equal scores: only the losses differ
+    for row in rows:
+        c = row["config"]
+        gap = {4: gap_r4, 64: gap_r64}[c["r"]] if c["arm"] == "LoRA-P" else 0.0
+        _with_eval_nll(row, 0.05 + gap + 0.005 * (row["seed"] - 1) * (c["arm"] == "LoRA-P"))  # seeds disagree a little
+    groups = render.index({r["run_id"]: r for r in rows})
+    verdict, why = render.rank_verdict(groups, "A", "LoRA-P", "LoRA", loss=True)
+    assert verdict == expected and reason in why and "(3 seed(s))" in why, why
+    assert render.rank_verdict(groups, "A", "LoRA-P", "LoRA")[0] == "inconclusive at this scale"  # the scores tie
 
 
 def test_backfill_stores_per_prompt_losses_only_when_they_reproduce_the_recorded_mean(tmp_path):
