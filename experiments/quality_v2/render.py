@@ -623,7 +623,13 @@ def length_estimate(cell: Cell, lo: int, hi: int) -> stats.Estimate | None:
 def runs_section(rows: dict[str, dict]) -> list[str]:
     """Every finished run with its wall time (a shared 2-core CPU: read the times as what this machine did, under load)."""
     lines = [[r["run_id"], r.get("finished", ""), f"{r['wall_s'] / 60:.1f}", f"{r['metrics']['score']:.3f}"] for r in rows.values()]
-    out = ["## Finished runs", "", "Wall time of each run on the shared 2-core CPU (one thread, `nice -n 19`, other jobs running).", ""]
+    out = [
+        "## Finished runs",
+        "",
+        "Wall time of each run on the shared 2-core CPU (one thread, `nice -n 19`, other jobs running); a run that resumed "
+        "from a checkpoint after its worker was killed counts only its last piece.",
+        "",
+    ]
     return out + (table(["run", "finished (UTC)", "wall min", "eval score"], lines) if lines else [NOT_RUN]) + [""]
 
 
