@@ -26,9 +26,19 @@ USERS = {
     "bob": [("a=", "bbbbbb"), ("c=", "dd"), ("e=", "f"), ("x=", "yy"), ("k=", "lmnop"), ("q=", "r"), ("s=", "tu")],
     "carol": [("1=", "2"), ("3=", "four")],
 }
-# Weights move by ~0.1-0.4 in these runs; joint vs alone differs by float rounding only, which Adam can amplify on a
-# parameter whose gradient is near zero (measured: <= 1.2e-6 mostly; 3.7e-5 on one k_proj LoRA A with transformers 5.24).
-WEIGHT_ATOL = 1e-4
+# Training moves each adapter by 0.03-0.09 (largest element); joint vs alone differs by float rounding only, which
+# Adam can amplify on a parameter whose gradient is near zero, by an amount that depends on the CPU's kernels
+# (largest element: 3.7e-5 on one machine, 1.5e-4 on an AMD EPYC one, where the norm of the difference is 5e-5 of
+# the norm of the training's motion). So the main check is that norm ratio; the elementwise bound is a guard.
+WEIGHT_ATOL = 1e-3
+WEIGHT_RTOL = 1e-3
+
+
+def relative_diff(got, want, start):
+    """||got - want|| / ||want - start|| over every tensor of the adapter: rounding noise against the training's own motion."""
+    num = sum(float((got[k] - want[k]).pow(2).sum()) for k in want)
+    den = sum(float((want[k] - start[k]).pow(2).sum()) for k in want)
+    return (num / den) ** 0.5
 
 
 def users_file(tmp_path, users=USERS, column="user"):
@@ -164,11 +174,11 @@ def test_training_users_jointly_gives_the_weights_of_training_each_alone(tmp_pat
     for user in USERS:
         alone = sft(tiny_llama, folder / f"{user}.jsonl", config(tmp_path, f"alone-{user}", adapter=kind, policy=policy))
         got, want = weights(joint.adapters[user]), weights(alone.adapter_path)
-        assert max_abs_diff(got, want) <= WEIGHT_ATOL
-        # The tolerance is far below how much training moved the weights.
         fresh = SFTTrainer(tiny_llama, config(tmp_path, "fresh", adapter=kind, policy=policy, max_steps=1), folder / f"{user}.jsonl")
         start = fresh.model.get_adapter(fresh.name).tensors
-        assert max_abs_diff(got, start) > 100 * WEIGHT_ATOL
+        assert relative_diff(got, want, start) <= WEIGHT_RTOL
+        assert max_abs_diff(got, want) <= WEIGHT_ATOL
+        assert max_abs_diff(got, start) > 10 * WEIGHT_ATOL  # training moved the weights far more than the tolerance
         # Its own step count and lr schedule, step by step.
         rows = joint.summaries[user]["log_history"]
         assert [r["learning_rate"] for r in rows] == pytest.approx([r["learning_rate"] for r in alone.metrics], rel=1e-12)
