@@ -299,6 +299,11 @@ def rank_verdict(groups, task: str, p: str, a: str, loss: bool = False) -> tuple
         gap4, gap64 = (stats.two_level_ratio(gaps[r], tokens) for r in (4, 64))
         change = stats.two_level_ratio({s: gaps[64][s] - gaps[4][s] for s in shared}, tokens)
         digits = 3
+
+        def level(x):  # the arm's own loss per token at one rank: which arm moved
+            return sum(x[0][s][:n].sum() for s in shared) / sum(x[1][s][:n].sum() for s in shared)
+
+        moved = f"; {p} {level(items[0]):.3f} -> {level(items[2]):.3f}, {a} {level(items[1]):.3f} -> {level(items[3]):.3f}"
     else:
         gaps = {}
         for r, (cp, ca) in cells.items():
@@ -306,8 +311,8 @@ def rank_verdict(groups, task: str, p: str, a: str, loss: bool = False) -> tuple
             gaps[r] = {s: np.asarray(scores_p[s], dtype=float) - np.asarray(scores_a[s], dtype=float) for s in shared}
         gap4, gap64 = stats.two_level_mean(gaps[4]), stats.two_level_mean(gaps[64])
         change = stats.paired_difference(gaps[64], gaps[4])
-        digits = 2
-    why = f"gap r4 {gap4.fmt(digits)}, r64 {gap64.fmt(digits)}, change {change.fmt(digits)} ({len(shared)} seed(s))"
+        digits, moved = 2, ""
+    why = f"gap r4 {gap4.fmt(digits)}, r64 {gap64.fmt(digits)}, change {change.fmt(digits)} ({len(shared)} seed(s){moved})"
     if len(shared) < 3:
         return "inconclusive at this scale", why + "; fewer than 3 seeds"
     untuned = [
@@ -569,11 +574,15 @@ def loss_prompts(groups, task: str) -> int | None:
 
 def loss_estimate(cell: Cell, n: int | None) -> str | None:
     """The cell's eval loss per token over the first ``n`` prompts (seeds pooled), with its CI over prompts."""
+    e = loss_value(cell, n)
+    return None if e is None else fmt(e, 3)
+
+
+def loss_value(cell: Cell, n: int | None) -> stats.Estimate | None:
     items = loss_items(cell)
     if items is None or not n:
         return None
-    e = stats.bootstrap_ratio(np.sum([v[:n] for v in items[0].values()], axis=0), np.sum([v[:n] for v in items[1].values()], axis=0))
-    return fmt(e, 3)
+    return stats.bootstrap_ratio(np.sum([v[:n] for v in items[0].values()], axis=0), np.sum([v[:n] for v in items[1].values()], axis=0))
 
 
 def loss_gap(cp: Cell, ca: Cell) -> stats.Estimate | None:
@@ -664,8 +673,28 @@ def plots(groups, out_dir: Path) -> list[str]:
         ax.set(title=f"task {task}, rank 16: loss (band: min-max over seeds)", xlabel="step", ylabel="nats/token", yscale="log")
         legend(ax)
     save(fig, "loss.png")
-    # accuracy vs rank
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # accuracy vs rank (tasks A and B), and task A's eval loss vs rank: where the prefill-only gap shows
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    n_loss = loss_prompts(groups, "A")
+    for arm in TRAINED:
+        pts = [(r, loss_value(chosen(groups, "A", arm, r), n_loss)) for r in RANKS]
+        pts = [(r, e) for r, e in pts if e is not None]
+        if pts:
+            es = [e for _, e in pts]
+            axes[2].errorbar(
+                [r for r, _ in pts],
+                [e.mean for e in es],
+                yerr=[[e.mean - e.low for e in es], [e.high - e.mean for e in es]],
+                color=colors[arm],
+                marker="o",
+                capsize=3,
+                label=arm,
+            )
+    axes[2].set(title="task A: eval loss vs rank (95% CI; lower is better)", xlabel="rank", ylabel="nats/token")
+    axes[2].set_xscale("log", base=2)
+    axes[2].minorticks_off()
+    axes[2].set_xticks(RANKS, [str(r) for r in RANKS])
+    legend(axes[2])
     for ax, task in zip(axes, "AB"):
         for arm in TRAINED:
             pts = [(r, chosen(groups, task, arm, r).estimate()) for r in RANKS if chosen(groups, task, arm, r).rows]
@@ -868,7 +897,7 @@ def render(rows: dict[str, dict], plan: Plan, out_dir: Path = RESULTS, doc: Path
     verdicts += v
     for name, caption in (
         ("loss.png", "Loss curves"),
-        ("rank.png", "Eval score vs rank"),
+        ("rank.png", "Eval score vs rank, and task A's eval loss vs rank"),
         ("reward.png", "GRPO reward"),
         ("length_kl.png", "Length map and KL"),
     ):
