@@ -673,50 +673,40 @@ def plots(groups, out_dir: Path) -> list[str]:
         ax.set(title=f"task {task}, rank 16: loss (band: min-max over seeds)", xlabel="step", ylabel="nats/token", yscale="log")
         legend(ax)
     save(fig, "loss.png")
+
     # accuracy vs rank (tasks A and B), and task A's eval loss vs rank: where the prefill-only gap shows
+    def by_rank(ax, estimates: list[tuple[int, stats.Estimate | None]], arm: str, title: str, ylabel: str) -> None:
+        pts = [(r, e) for r, e in estimates if e is not None]
+        if pts:
+            es = [e for _, e in pts]
+            low, high = [e.mean - e.low for e in es], [e.high - e.mean for e in es]
+            ax.errorbar([r for r, _ in pts], [e.mean for e in es], yerr=[low, high], color=colors[arm], marker="o", capsize=3, label=arm)
+        ax.set(title=title, xlabel="rank", ylabel=ylabel)
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set_xticks(RANKS, [str(r) for r in RANKS])
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     n_loss = loss_prompts(groups, "A")
     for arm in TRAINED:
-        pts = [(r, loss_value(chosen(groups, "A", arm, r), n_loss)) for r in RANKS]
-        pts = [(r, e) for r, e in pts if e is not None]
-        if pts:
-            es = [e for _, e in pts]
-            axes[2].errorbar(
-                [r for r, _ in pts],
-                [e.mean for e in es],
-                yerr=[[e.mean - e.low for e in es], [e.high - e.mean for e in es]],
-                color=colors[arm],
-                marker="o",
-                capsize=3,
-                label=arm,
+        loss = [(r, loss_value(chosen(groups, "A", arm, r), n_loss)) for r in RANKS]
+        by_rank(axes[2], loss, arm, "task A: eval loss vs rank (95% CI; lower is better)", "nats/token")
+        for ax, task in zip(axes, "AB"):
+            cells = [(r, chosen(groups, task, arm, r)) for r in RANKS]
+            by_rank(
+                ax,
+                [(r, c.estimate() if c.rows else None) for r, c in cells],
+                arm,
+                f"task {task}: eval score vs rank (95% CI)",
+                "eval score",
             )
-    axes[2].set(title="task A: eval loss vs rank (95% CI; lower is better)", xlabel="rank", ylabel="nats/token")
-    axes[2].set_xscale("log", base=2)
-    axes[2].minorticks_off()
-    axes[2].set_xticks(RANKS, [str(r) for r in RANKS])
-    legend(axes[2])
     for ax, task in zip(axes, "AB"):
-        for arm in TRAINED:
-            pts = [(r, chosen(groups, task, arm, r).estimate()) for r in RANKS if chosen(groups, task, arm, r).rows]
-            if pts:
-                xs, es = [p[0] for p in pts], [p[1] for p in pts]
-                ax.errorbar(
-                    xs,
-                    [e.mean for e in es],
-                    yerr=[[e.mean - e.low for e in es], [e.high - e.mean for e in es]],
-                    color=colors[arm],
-                    marker="o",
-                    capsize=3,
-                    label=arm,
-                )
         for arm in ("base", "system-prompt"):
             cell = chosen(groups, task, arm, 0)
             if cell.rows:
                 ax.axhline(cell.estimate().mean, color=colors[arm], ls=":", label=arm)
-        ax.set(title=f"task {task}: eval score vs rank (95% CI)", xlabel="rank", ylabel="eval score", ylim=(-0.02, 1.02))
-        ax.set_xscale("log", base=2)
-        ax.minorticks_off()
-        ax.set_xticks(RANKS, [str(r) for r in RANKS])
+        ax.set_ylim(-0.02, 1.02)
+    for ax in axes:
         legend(ax)
     save(fig, "rank.png")
     # reward curves (sampled rollouts), and the greedy eval accuracy they should lead to
